@@ -4,6 +4,7 @@
 
 pub mod collective;
 pub mod data;
+pub mod frame;
 pub mod hosts;
 pub mod launch;
 pub mod model;
