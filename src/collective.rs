@@ -124,7 +124,15 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
     /// into segments of `segment` elements.
     pub fn new(rank: Rank, world: WorldSize, tx: S, rx: R, segment: usize) -> Self {
         let segment = segment.max(1);
-        Communicator { rank, world, tx, rx, segment, seq: 0, bytes_sent: 0 }
+        Communicator {
+            rank,
+            world,
+            tx,
+            rx,
+            segment,
+            seq: 0,
+            bytes_sent: 0,
+        }
     }
 
     /// This rank.
@@ -140,6 +148,11 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
     /// Bytes this rank has put on its outgoing link so far, headers included.
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent
+    }
+
+    /// Gives back the links, e.g. to close them in order.
+    pub fn into_links(self) -> (S, R) {
+        (self.tx, self.rx)
     }
 
     /// The largest frame this communicator sends or accepts, in bytes.
@@ -215,7 +228,12 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
                 // The borrow ends before the await: the receiver may write meanwhile.
                 let bytes = frame::encode_f32(header, &buf.borrow()[op.range.clone()]);
                 bytes_sent.set(bytes_sent.get() + bytes.len() as u64);
-                trace!(step = op.step, chunk = op.chunk, len = op.range.len(), "send");
+                trace!(
+                    step = op.step,
+                    chunk = op.chunk,
+                    len = op.range.len(),
+                    "send"
+                );
                 tx.send(bytes).await?;
             }
             Ok::<(), CommError>(())
@@ -231,7 +249,12 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
                     (false, Phase::ReduceScatter) => frame::add_into(dst, payload),
                     _ => frame::copy_into(dst, payload),
                 }
-                trace!(step = op.step, chunk = op.chunk, len = op.range.len(), "received");
+                trace!(
+                    step = op.step,
+                    chunk = op.chunk,
+                    len = op.range.len(),
+                    "received"
+                );
                 recvs_done.set(recvs_done.get() + 1);
                 progress.notify_one();
             }
@@ -274,9 +297,16 @@ fn digest_header(seq: u32, step: usize, owner: usize, len: usize) -> Header {
 fn decode<'a>(peer: &Peer, bytes: &'a [u8], max: usize) -> Result<(Header, &'a [u8]), CommError> {
     if bytes.len() > max {
         let (len, max) = (bytes.len() as u64, max as u64);
-        return Err(CommError::TooLarge { peer: peer.clone(), len, max });
+        return Err(CommError::TooLarge {
+            peer: peer.clone(),
+            len,
+            max,
+        });
     }
-    frame::decode(bytes).map_err(|source| CommError::BadFrame { peer: peer.clone(), source })
+    frame::decode(bytes).map_err(|source| CommError::BadFrame {
+        peer: peer.clone(),
+        source,
+    })
 }
 
 fn expect_header(peer: &Peer, want: Header, got: Header) -> Result<(), CommError> {
@@ -364,8 +394,14 @@ pub fn memory_ring(world: WorldSize) -> Vec<(MemSend, MemRecv)> {
     let mut out = Vec::with_capacity(n);
     for (r, (tx, rx)) in txs.drain(..).zip(rxs.drain(..)).enumerate() {
         let rank = Rank(r);
-        let next = Peer { rank: world.next(rank), addr: None };
-        let prev = Peer { rank: world.prev(rank), addr: None };
+        let next = Peer {
+            rank: world.next(rank),
+            addr: None,
+        };
+        let prev = Peer {
+            rank: world.prev(rank),
+            addr: None,
+        };
         out.push((MemSend { peer: next, tx }, MemRecv { peer: prev, rx }));
     }
     out
@@ -404,10 +440,17 @@ async fn join_all<T, Fut: Future<Output = T>>(futures: Vec<Fut>) -> Vec<T> {
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
-    results.into_iter().map(|r| r.expect("every future completed")).collect()
+    results
+        .into_iter()
+        .map(|r| r.expect("every future completed"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -423,14 +466,17 @@ mod tests {
 
     fn inputs(n: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..n).map(|_| (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect()).collect()
+        (0..n)
+            .map(|_| (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect())
+            .collect()
     }
 
     /// Runs an in-memory all-reduce and checks bit-identity and the f64 reference.
     fn check_allreduce(n: usize, len: usize, segment: usize, seed: u64) {
         let data = inputs(n, len, seed);
-        let reference: Vec<f64> =
-            (0..len).map(|i| data.iter().map(|d| f64::from(d[i])).sum()).collect();
+        let reference: Vec<f64> = (0..len)
+            .map(|i| data.iter().map(|d| f64::from(d[i])).sum())
+            .collect();
         let results = run_in_memory(world(n), segment, |mut comm| {
             let mut buf = data[comm.rank().0].clone();
             async move { comm.allreduce_sum(&mut buf).await.map(|_| buf) }
@@ -476,14 +522,21 @@ mod tests {
             let mut buf: Vec<f32> = (0..11).map(|i| (i * 10 + r) as f32).collect();
             comm.broadcast(&mut buf).await?;
             comm.check_same(b"same").await?;
-            let mine = if r == 3 { b"odd1".to_vec() } else { b"same".to_vec() };
+            let mine = if r == 3 {
+                b"odd1".to_vec()
+            } else {
+                b"same".to_vec()
+            };
             let err = comm.check_same(&mine).await.unwrap_err();
             Ok::<_, CommError>((buf, err.to_string()))
         });
         for res in results {
             let (buf, err) = res.unwrap();
             assert_eq!(buf, (0..11).map(|i| (i * 10) as f32).collect::<Vec<_>>());
-            assert!(err.contains("ranks 0, 1, 2, 4 have digest 73616d65"), "{err}");
+            assert!(
+                err.contains("ranks 0, 1, 2, 4 have digest 73616d65"),
+                "{err}"
+            );
             assert!(err.contains("rank 3 have digest 6f646431"), "{err}");
         }
     }
@@ -506,7 +559,9 @@ mod tests {
         let mut links = memory_ring(world(2));
         let (tx1, _rx1) = links.pop().unwrap();
         let (tx0, rx0) = links.pop().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let mut comm = Communicator::new(Rank(0), world(2), tx0, rx0, 8);
         let err = rt.block_on(async {
             // Rank 1 sends an all-gather frame where a reduce-scatter one belongs.

@@ -2,6 +2,7 @@
 //!
 //! (architecture note written later)
 
+pub mod cli;
 pub mod collective;
 pub mod data;
 pub mod frame;

@@ -1,1 +1,468 @@
-//! train (in progress)
+//! The step loop of one rank: load data, build the replica, form the ring, train, report.
+//!
+//! Each step a rank computes the gradient of its own batch, appends its loss, sums the
+//! buffer over the ring, divides by the world size and applies the optimizer. Because the
+//! summed buffer is bit-identical on every rank and the optimizer is deterministic, the
+//! replicas stay bit-identical; every `check_every` steps (and at the end) the ranks compare
+//! a digest of their parameters to prove it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tracing::{debug, info};
+
+use crate::collective::CommError;
+use crate::data::{DataError, DataSpec, Dataset, Sampler};
+use crate::hosts::{Hosts, HostsError};
+use crate::model::{Mlp, Workspace};
+use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+use crate::ring::Rank;
+use crate::transport::TransportOptions;
+use crate::transport::{CommHandle, Hello, PROTOCOL_VERSION, RingPlace, TransportError};
+
+/// Everything that shapes a training run of one rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Epochs to run when `steps` is not set.
+    pub epochs: u64,
+    /// Total steps to run; overrides `epochs`.
+    pub steps: Option<u64>,
+    /// Samples per rank per step.
+    pub batch_size: usize,
+    /// Optimizer and its hyperparameters.
+    pub optim: OptimConfig,
+    /// Hidden layer widths.
+    pub hidden: Vec<usize>,
+    /// Seed of the data, the initial parameters and the shuffling.
+    pub seed: u64,
+    /// Which dataset.
+    pub data: DataSpec,
+    /// Compare parameter digests every this many steps (0: only at the end).
+    pub check_every: u64,
+    /// Log a progress line every this many steps.
+    pub log_every: u64,
+    /// Transport settings.
+    pub connect_timeout: Duration,
+    /// Silence after which a neighbour counts as lost.
+    pub peer_timeout: Duration,
+    /// All-reduce segment size in elements.
+    pub segment: usize,
+    /// Where the summary JSON goes, if anywhere.
+    pub metrics_out: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 2,
+            steps: None,
+            batch_size: 64,
+            optim: OptimConfig::sgd(0.05, 0.9),
+            hidden: vec![128, 64],
+            seed: 42,
+            data: DataSpec::Synthetic,
+            check_every: 50,
+            log_every: 20,
+            connect_timeout: Duration::from_secs(60),
+            peer_timeout: Duration::from_secs(10),
+            segment: crate::collective::DEFAULT_SEGMENT,
+            metrics_out: None,
+        }
+    }
+}
+
+/// Why a rank's run failed. [`TrainError::exit_code`] maps each kind to the process's
+/// exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The hosts file is unusable.
+    #[error(transparent)]
+    Hosts(#[from] HostsError),
+    /// The dataset is unusable.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The flags make no sense together.
+    #[error("{0}")]
+    Config(String),
+    /// The ring could not be formed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A collective failed during training.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// The summary could not be written.
+    #[error("cannot write the summary to {path}: {source}")]
+    Metrics {
+        /// The --metrics-out path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl TrainError {
+    /// The process exit code: 2 for bad input (flags, hosts file, data, configuration that
+    /// differs between ranks), 3 for a lost or misbehaving peer, 4 for replicas that
+    /// diverged, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TrainError::Hosts(_) | TrainError::Data(_) | TrainError::Config(_) => 2,
+            TrainError::Transport(TransportError::Mismatch { .. })
+            | TrainError::Transport(TransportError::WrongPeer { .. })
+            | TrainError::Transport(TransportError::Bind { .. }) => 2,
+            TrainError::Transport(_) => 3,
+            TrainError::Comm(CommError::Diverged(_)) => 4,
+            TrainError::Comm(_) => 3,
+            TrainError::Metrics { .. } => 1,
+        }
+    }
+}
+
+/// The result of a run, also written as JSON by `--metrics-out`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    /// Number of ranks.
+    pub world_size: usize,
+    /// Always `"ring"` for this trainer.
+    pub mode: String,
+    /// This rank.
+    pub rank: usize,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Samples per rank per step.
+    pub batch_size: usize,
+    /// Cluster-wide training throughput.
+    pub samples_per_sec: f64,
+    /// Mean training loss over the last logging window, averaged over ranks.
+    pub final_loss: f64,
+    /// Accuracy on the held-out test split.
+    pub test_accuracy: f64,
+    /// Median all-reduce time per step.
+    pub allreduce_ms_p50: f64,
+    /// 99th percentile all-reduce time per step.
+    pub allreduce_ms_p99: f64,
+    /// Share of the training loop's time spent in the all-reduce.
+    pub comm_fraction: f64,
+    /// Bytes this rank sent per step on the ring.
+    pub bytes_sent_per_step: f64,
+    /// Number of parameters.
+    pub params: usize,
+    /// Wall time of the training loop.
+    pub train_secs: f64,
+    /// blake3 of the final parameters (little-endian bytes), hex.
+    pub param_digest: String,
+}
+
+/// The digest of a parameter buffer: blake3 over its little-endian bytes.
+pub fn param_digest(params: &[f32]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for p in params {
+        h.update(&p.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// Loads the hosts file, checks `rank`, and runs the rank.
+pub fn run_from_hosts(
+    cfg: &TrainConfig,
+    hosts: &std::path::Path,
+    rank: usize,
+) -> Result<Summary, TrainError> {
+    let hosts = Hosts::load(hosts)?;
+    hosts.check_rank(rank)?;
+    let addrs = (0..hosts.world_size()).map(|r| hosts.addr(r)).collect();
+    run(
+        cfg,
+        RingPlace {
+            rank: Rank(rank),
+            addrs,
+        },
+    )
+}
+
+/// Everything that must agree across ranks, by name, for the handshake.
+pub fn fingerprint(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<String, String> {
+    let mut f = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        f.insert(k.to_string(), v);
+    };
+    put("model_layers", format!("{:?}", model.layers()));
+    put("param_count", model.param_len().to_string());
+    put("batch_size", cfg.batch_size.to_string());
+    put("optimizer", format!("{:?}", cfg.optim));
+    put(
+        "dataset",
+        format!(
+            "{} ({} train, {} test)",
+            data.identity(),
+            data.train_len(),
+            data.test_len()
+        ),
+    );
+    put("seed", cfg.seed.to_string());
+    put("epochs", cfg.epochs.to_string());
+    put("steps", format!("{:?}", cfg.steps));
+    put("check_every", cfg.check_every.to_string());
+    put("segment", cfg.segment.to_string());
+    f
+}
+
+/// Runs one rank to completion.
+pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Summary, TrainError> {
+    validate(cfg)?;
+    let rank = place.rank;
+    let world = place.addrs.len();
+    let data = Dataset::load(&cfg.data, cfg.seed)?;
+    let model = Mlp::new(data.features, &cfg.hidden, data.classes);
+    let mut params = vec![0f32; model.param_len()];
+    model.init(cfg.seed, &mut params);
+    let sampler = Sampler::new(data.train_len(), cfg.seed, rank.0, world, cfg.batch_size);
+    if sampler.steps_per_epoch() == 0 {
+        return Err(TrainError::Config(format!(
+            "{} training samples cannot fill one step of {world} ranks x batch {}; \
+             lower --batch-size",
+            data.train_len(),
+            cfg.batch_size
+        )));
+    }
+    info!(rank = rank.0, world, params = params.len(), dataset = %data.name, "replica built");
+
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        rank: rank.0,
+        world,
+        fingerprint: fingerprint(cfg, &model, &data),
+    };
+    let opts = TransportOptions {
+        connect_timeout: cfg.connect_timeout,
+        peer_timeout: cfg.peer_timeout,
+        segment: cfg.segment,
+    };
+    let mut comm = CommHandle::connect(place, hello, opts)?;
+    info!(rank = rank.0, "ring formed");
+
+    // Every rank built the same initial parameters from the seed; broadcasting rank 0's
+    // makes "the same" exact even if some platform computed an init differently.
+    params = comm.broadcast(params)?;
+    let result = Loop::new(cfg, &model, &data, sampler, rank, world).run(&mut comm, params);
+    match result {
+        Ok(summary) => {
+            comm.finish();
+            write_summary(cfg, &summary)?;
+            Ok(summary)
+        }
+        Err(e) => {
+            comm.abort(&format!("rank {} stopped: {e}", rank.0));
+            Err(e)
+        }
+    }
+}
+
+fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
+    let bad = |m: &str| Err(TrainError::Config(m.to_string()));
+    if cfg.batch_size == 0 {
+        return bad("--batch-size must be at least 1");
+    }
+    if cfg.hidden.contains(&0) {
+        return bad("--hidden widths must be at least 1, e.g. --hidden 256,128");
+    }
+    if !(cfg.optim.lr.is_finite() && cfg.optim.lr > 0.0) {
+        return bad("--lr must be a positive number");
+    }
+    if cfg.epochs == 0 && cfg.steps.is_none() {
+        return bad("--epochs must be at least 1 (or give --steps)");
+    }
+    if cfg.log_every == 0 {
+        return bad("--log-every must be at least 1");
+    }
+    Ok(())
+}
+
+fn write_summary(cfg: &TrainConfig, summary: &Summary) -> Result<(), TrainError> {
+    let Some(path) = &cfg.metrics_out else {
+        return Ok(());
+    };
+    let json = serde_json::to_string_pretty(summary).expect("the summary always serializes");
+    std::fs::write(path, json + "\n").map_err(|source| TrainError::Metrics {
+        path: path.clone(),
+        source,
+    })?;
+    info!(path = %path.display(), "summary written");
+    Ok(())
+}
+
+/// The state of the step loop.
+struct Loop<'a> {
+    cfg: &'a TrainConfig,
+    model: &'a Mlp,
+    data: &'a Dataset,
+    sampler: Sampler,
+    rank: Rank,
+    world: usize,
+    hist: Histogram<u64>,
+    comm_time: Duration,
+}
+
+impl<'a> Loop<'a> {
+    fn new(
+        cfg: &'a TrainConfig,
+        model: &'a Mlp,
+        data: &'a Dataset,
+        sampler: Sampler,
+        rank: Rank,
+        world: usize,
+    ) -> Self {
+        let hist = Histogram::new(3).expect("3 significant figures is a valid histogram");
+        Loop {
+            cfg,
+            model,
+            data,
+            sampler,
+            rank,
+            world,
+            hist,
+            comm_time: Duration::ZERO,
+        }
+    }
+
+    fn total_steps(&self) -> u64 {
+        let per_epoch = self.sampler.steps_per_epoch() as u64;
+        self.cfg.steps.unwrap_or(self.cfg.epochs * per_epoch)
+    }
+
+    fn run(mut self, comm: &mut CommHandle, mut params: Vec<f32>) -> Result<Summary, TrainError> {
+        let (b, features, p) = (self.cfg.batch_size, self.data.features, params.len());
+        let mut optimizer = Optimizer::new(self.cfg.optim.clone(), p);
+        let mut ws = Workspace::new();
+        let (mut x, mut y) = (vec![0f32; b * features], vec![0u32; b]);
+        // The gradient buffer carries this rank's loss in its last slot, so one all-reduce
+        // also averages the loss.
+        let mut grad = vec![0f32; p + 1];
+        let per_epoch = self.sampler.steps_per_epoch() as u64;
+        let total = self.total_steps();
+        let scale = 1.0 / self.world as f32;
+        let mut window = LossWindow::default();
+        let start = Instant::now();
+        let mut last_log = (Instant::now(), 0u64, Duration::ZERO);
+
+        for step in 0..total {
+            let (epoch, in_epoch) = (step / per_epoch, (step % per_epoch) as usize);
+            let idx = self.sampler.batch(epoch, in_epoch);
+            self.data.gather_train(idx, &mut x, &mut y);
+            let (loss, _) = self
+                .model
+                .forward_backward(&params, &x, &y, &mut ws, &mut grad[..p]);
+            grad[p] = loss;
+
+            let t = Instant::now();
+            grad = comm.allreduce_sum(grad)?;
+            let took = t.elapsed();
+            self.comm_time += took;
+            let _ = self.hist.record(took.as_micros().max(1) as u64);
+
+            grad.iter_mut().for_each(|g| *g *= scale);
+            optimizer.step(&mut params, &grad[..p]);
+            window.push(f64::from(grad[p]));
+
+            let done = step + 1;
+            if self.cfg.check_every > 0 && done % self.cfg.check_every == 0 {
+                comm.check_same(param_digest(&params).as_bytes())?;
+                debug!(rank = self.rank.0, step = done, "parameter digests agree");
+            }
+            if done % self.cfg.log_every == 0 || done == total {
+                self.log_progress(done, epoch, &mut window, &mut last_log);
+            }
+        }
+        let train_time = start.elapsed();
+        comm.check_same(param_digest(&params).as_bytes())?;
+        Ok(self.summary(
+            total,
+            train_time,
+            window.last_mean,
+            &params,
+            comm.bytes_sent(),
+        ))
+    }
+
+    fn log_progress(
+        &self,
+        done: u64,
+        epoch: u64,
+        window: &mut LossWindow,
+        last: &mut (Instant, u64, Duration),
+    ) {
+        let loss = window.close();
+        let secs = last.0.elapsed().as_secs_f64().max(1e-9);
+        let samples = (done - last.1) as f64 * (self.cfg.batch_size * self.world) as f64;
+        let comm_share = (self.comm_time - last.2).as_secs_f64() / secs;
+        *last = (Instant::now(), done, self.comm_time);
+        if self.rank.0 == 0 {
+            info!(
+                step = done,
+                epoch,
+                loss = format_args!("{loss:.4}"),
+                samples_per_sec = format_args!("{:.0}", samples / secs),
+                allreduce = format_args!("{:.0}%", 100.0 * comm_share),
+                "progress"
+            );
+        }
+    }
+
+    fn summary(&self, steps: u64, t: Duration, loss: f64, params: &[f32], sent: u64) -> Summary {
+        let mut ws = Workspace::new();
+        let (_, acc) = self
+            .model
+            .evaluate(params, &self.data.test_x, &self.data.test_y, &mut ws);
+        let secs = t.as_secs_f64().max(1e-9);
+        let ms = |q: f64| self.hist.value_at_quantile(q) as f64 / 1000.0;
+        Summary {
+            world_size: self.world,
+            mode: "ring".into(),
+            rank: self.rank.0,
+            steps,
+            batch_size: self.cfg.batch_size,
+            samples_per_sec: (steps as f64) * (self.cfg.batch_size * self.world) as f64 / secs,
+            final_loss: loss,
+            test_accuracy: f64::from(acc),
+            allreduce_ms_p50: ms(0.5),
+            allreduce_ms_p99: ms(0.99),
+            comm_fraction: self.comm_time.as_secs_f64() / secs,
+            bytes_sent_per_step: sent as f64 / steps.max(1) as f64,
+            params: params.len(),
+            train_secs: secs,
+            param_digest: param_digest(params).to_hex().to_string(),
+        }
+    }
+}
+
+/// Mean loss over the steps since the last log line.
+#[derive(Debug, Default)]
+struct LossWindow {
+    sum: f64,
+    count: u64,
+    last_mean: f64,
+}
+
+impl LossWindow {
+    fn push(&mut self, loss: f64) {
+        self.sum += loss;
+        self.count += 1;
+    }
+
+    fn close(&mut self) -> f64 {
+        self.last_mean = self.sum / self.count.max(1) as f64;
+        (self.sum, self.count) = (0.0, 0);
+        self.last_mean
+    }
+}
+
+/// The optimizer configuration for a kind, learning rate and momentum.
+pub fn optim_config(kind: OptimizerKind, lr: Option<f32>, momentum: f32) -> OptimConfig {
+    match kind {
+        OptimizerKind::Sgd => OptimConfig::sgd(lr.unwrap_or(0.05), momentum),
+        OptimizerKind::Adam => OptimConfig::adam(lr.unwrap_or(1e-3)),
+    }
+}

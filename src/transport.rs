@@ -1,1 +1,865 @@
-//! transport (in progress)
+//! QUIC links between ring neighbours: endpoints, TLS, the handshake, framing.
+//!
+//! Every rank binds one quinn endpoint at its address from the hosts file. It dials the
+//! next rank (as a QUIC client) and accepts the previous rank (as a server); ranks may start
+//! in any order, so dialling retries with backoff until the connect timeout. On the one
+//! bidirectional stream of each connection both sides first exchange a [`Hello`] (rank,
+//! world size and the fingerprint of everything that must agree); afterwards the client's
+//! send half carries frames to the next rank and the server's receive half frames from the
+//! previous one. Each frame travels as a little-endian `u32` length and the frame bytes;
+//! a length above the agreed maximum is refused before anything is allocated for it.
+//!
+//! Liveness is the transport's job: QUIC keep-alives are sent every third of the peer
+//! timeout by quinn's own driver, so a rank busy computing is never declared dead, while a
+//! rank that stops answering is reported after `peer_timeout`.
+//!
+//! [`CommHandle`] runs all of this on a dedicated thread with a current-thread tokio
+//! runtime and serves the training loop's blocking requests.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tracing::{debug, info, warn};
+
+use crate::collective::{CommError, Communicator, Peer, RecvLink, SendLink};
+use crate::ring::{Rank, WorldSize};
+
+/// Version of the wire protocol; ranks with different versions refuse each other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+const ALPN: &[u8] = b"ringtrain/1";
+const SERVER_NAME: &str = "ringtrain";
+const MAX_HELLO: usize = 64 * 1024;
+/// Application close code for a normal end of run.
+const CLOSE_DONE: u32 = 0;
+/// Application close code for a rank that stops because of an error.
+const CLOSE_ERROR: u32 = 1;
+
+/// Why the transport could not set up or keep the ring.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The local address could not be bound.
+    #[error(
+        "cannot bind {rank}'s address {addr}: {source}; is another process using that port? \
+         change it in the hosts file"
+    )]
+    Bind {
+        /// This rank.
+        rank: Rank,
+        /// The address from the hosts file.
+        addr: SocketAddr,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// TLS or QUIC configuration failed (a bug or an unsupported platform).
+    #[error("cannot configure QUIC: {0}")]
+    Config(String),
+    /// The next rank did not answer in time.
+    #[error(
+        "could not reach {peer} within {secs} s ({last}); is it running, and is UDP port {port} \
+         open? raise --connect-timeout if ranks start far apart"
+    )]
+    ConnectTimeout {
+        /// The next rank.
+        peer: Peer,
+        /// The timeout in seconds.
+        secs: u64,
+        /// The last error seen.
+        last: String,
+        /// The UDP port dialled.
+        port: u16,
+    },
+    /// The previous rank never connected.
+    #[error(
+        "{peer} did not connect within {secs} s; is it running, and can it reach this \
+         machine's UDP port {port}? raise --connect-timeout if ranks start far apart"
+    )]
+    NoPredecessor {
+        /// The previous rank.
+        peer: Peer,
+        /// The timeout in seconds.
+        secs: u64,
+        /// Our UDP port.
+        port: u16,
+    },
+    /// A neighbour's configuration differs from ours.
+    #[error("configuration differs from {peer}'s: {}; start every rank with the same flags", list_fields(.fields))]
+    Mismatch {
+        /// The neighbour.
+        peer: Peer,
+        /// (field, our value, their value) for each differing field.
+        fields: Vec<(String, String, String)>,
+    },
+    /// The neighbour at the address is not the rank the hosts file says.
+    #[error(
+        "{peer} answered as rank {claimed} of {world}; check that every rank uses the same hosts file"
+    )]
+    WrongPeer {
+        /// The expected neighbour.
+        peer: Peer,
+        /// The rank it claimed.
+        claimed: usize,
+        /// The world size it claimed.
+        world: usize,
+    },
+    /// The handshake with a neighbour failed.
+    #[error("handshake with {peer} failed: {detail}")]
+    Handshake {
+        /// The neighbour.
+        peer: Peer,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A neighbour refused us.
+    #[error("{peer} refused the connection: {reason}")]
+    Refused {
+        /// The neighbour.
+        peer: Peer,
+        /// The reason it gave.
+        reason: String,
+    },
+}
+
+fn list_fields(fields: &[(String, String, String)]) -> String {
+    let parts: Vec<String> = fields
+        .iter()
+        .map(|(name, ours, theirs)| format!("{name}: here {ours}, there {theirs}"))
+        .collect();
+    parts.join("; ")
+}
+
+/// Settings of the ring's QUIC transport.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// How long to keep dialling the next rank and waiting for the previous one.
+    pub connect_timeout: Duration,
+    /// Silence after which a neighbour is declared lost.
+    pub peer_timeout: Duration,
+    /// Segment size in `f32` elements; frames are at most this plus a header.
+    pub segment: usize,
+}
+
+/// What a rank tells its neighbour when they connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Wire protocol version.
+    pub protocol: u32,
+    /// The sender's rank.
+    pub rank: usize,
+    /// The sender's world size.
+    pub world: usize,
+    /// Everything that must agree across ranks, by name.
+    pub fingerprint: BTreeMap<String, String>,
+}
+
+impl Hello {
+    /// Fields that differ between `ours` and `theirs`: (name, ours, theirs).
+    pub fn differences(ours: &Hello, theirs: &Hello) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        let mut push = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push((name.to_string(), a, b));
+            }
+        };
+        push(
+            "protocol",
+            ours.protocol.to_string(),
+            theirs.protocol.to_string(),
+        );
+        push(
+            "world_size",
+            ours.world.to_string(),
+            theirs.world.to_string(),
+        );
+        let missing = || "(absent)".to_string();
+        let names: std::collections::BTreeSet<&String> = ours
+            .fingerprint
+            .keys()
+            .chain(theirs.fingerprint.keys())
+            .collect();
+        for name in names {
+            let a = ours.fingerprint.get(name).cloned().unwrap_or_else(missing);
+            let b = theirs
+                .fingerprint
+                .get(name)
+                .cloned()
+                .unwrap_or_else(missing);
+            push(name, a, b);
+        }
+        out
+    }
+}
+
+/// The QUIC link to the next rank.
+#[derive(Debug)]
+pub struct QuicSend {
+    peer: Peer,
+    stream: quinn::SendStream,
+}
+
+/// The QUIC link from the previous rank.
+#[derive(Debug)]
+pub struct QuicRecv {
+    peer: Peer,
+    stream: quinn::RecvStream,
+    max_frame: usize,
+}
+
+impl SendLink for QuicSend {
+    async fn send(&mut self, frame: Bytes) -> Result<(), CommError> {
+        let len = (frame.len() as u32).to_le_bytes();
+        let lost = |e: quinn::WriteError| lost(&self.peer, e);
+        self.stream.write_all(&len).await.map_err(lost)?;
+        self.stream.write_chunk(frame).await.map_err(lost)
+    }
+
+    fn peer(&self) -> &Peer {
+        &self.peer
+    }
+}
+
+impl RecvLink for QuicRecv {
+    async fn recv(&mut self) -> Result<Bytes, CommError> {
+        let mut len = [0u8; 4];
+        let read_lost = |e: quinn::ReadExactError| lost(&self.peer, e);
+        self.stream.read_exact(&mut len).await.map_err(read_lost)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > self.max_frame {
+            let (len, max) = (len as u64, self.max_frame as u64);
+            return Err(CommError::TooLarge {
+                peer: self.peer.clone(),
+                len,
+                max,
+            });
+        }
+        let mut buf = BytesMut::zeroed(len);
+        self.stream.read_exact(&mut buf).await.map_err(read_lost)?;
+        Ok(buf.freeze())
+    }
+
+    fn peer(&self) -> &Peer {
+        &self.peer
+    }
+}
+
+fn lost(peer: &Peer, e: impl std::fmt::Display) -> CommError {
+    CommError::PeerLost {
+        peer: peer.clone(),
+        reason: e.to_string(),
+    }
+}
+
+/// Builds the endpoint for `rank` at `addr`, with a fresh self-signed certificate.
+///
+/// TODO(issue 6, authentication): peers are encrypted but not authenticated yet; the
+/// client accepts any certificate.
+fn endpoint(
+    rank: Rank,
+    addr: SocketAddr,
+    opts: &TransportOptions,
+) -> Result<quinn::Endpoint, TransportError> {
+    let config_err = |e: &dyn std::fmt::Display| TransportError::Config(e.to_string());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
+        .map_err(|e| config_err(&e))?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| config_err(&e))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .map_err(|e| config_err(&e))?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| config_err(&e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    client.alpn_protocols = vec![ALPN.to_vec()];
+
+    let transport = Arc::new(transport_config(opts)?);
+    let server = QuicServerConfig::try_from(server).map_err(|e| config_err(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(transport.clone());
+    let client = QuicClientConfig::try_from(client).map_err(|e| config_err(&e))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client));
+    client.transport_config(transport);
+
+    let socket = udp_socket(addr).map_err(|source| TransportError::Bind { rank, addr, source })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TransportError::Config("no async runtime for quinn".into()))?;
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .map_err(|source| TransportError::Bind { rank, addr, source })?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+fn transport_config(opts: &TransportOptions) -> Result<quinn::TransportConfig, TransportError> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(opts.peer_timeout)
+        .map_err(|e| TransportError::Config(format!("peer timeout: {e}")))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(opts.peer_timeout / 3));
+    // Windows well above one segment so a whole ring step can be in flight.
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    Ok(t)
+}
+
+/// A UDP socket bound to `addr` with large buffers: the defaults drop packets in bursts.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (what, result) in [
+        ("receive", socket.set_recv_buffer_size(4 << 20)),
+        ("send", socket.set_send_buffer_size(4 << 20)),
+    ] {
+        if let Err(e) = result {
+            debug!("could not raise the UDP {what} buffer: {e}");
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// The address to bind for `addr` from the hosts file: loopback addresses as they are,
+/// anything else on all interfaces of that family (the hosts file may name this machine by
+/// an address that belongs to a NAT or a name that resolves elsewhere).
+pub fn bind_addr(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_loopback() {
+        return addr;
+    }
+    let ip: std::net::IpAddr = match addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+async fn write_msg(stream: &mut quinn::SendStream, msg: &[u8]) -> Result<(), String> {
+    let len = (msg.len() as u32).to_le_bytes();
+    stream.write_all(&len).await.map_err(|e| e.to_string())?;
+    stream.write_all(msg).await.map_err(|e| e.to_string())
+}
+
+async fn read_hello(stream: &mut quinn::RecvStream) -> Result<Hello, String> {
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_HELLO {
+        return Err(format!("hello of {len} bytes exceeds {MAX_HELLO}"));
+    }
+    let mut buf = vec![0u8; len];
+    stream
+        .read_exact(&mut buf)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&buf).map_err(|e| format!("unreadable hello: {e}"))
+}
+
+/// Where a rank sits: its rank, the world, the neighbours' addresses.
+#[derive(Debug, Clone)]
+pub struct RingPlace {
+    /// This rank.
+    pub rank: Rank,
+    /// Every rank's address, by rank.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl RingPlace {
+    fn world(&self) -> WorldSize {
+        WorldSize::new(self.addrs.len()).expect("a ring place has at least one address")
+    }
+
+    fn peer(&self, rank: Rank) -> Peer {
+        Peer {
+            rank,
+            addr: Some(self.addrs[rank.0]),
+        }
+    }
+}
+
+/// Dials the next rank until it answers and agrees, or the deadline passes.
+async fn connect_next(
+    ep: &quinn::Endpoint,
+    place: &RingPlace,
+    hello: &Hello,
+    opts: &TransportOptions,
+    deadline: Instant,
+) -> Result<(quinn::Connection, quinn::SendStream), TransportError> {
+    let next = place.world().next(place.rank);
+    let peer = place.peer(next);
+    let addr = place.addrs[next.0];
+    let mut backoff = Duration::from_millis(50);
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        let attempt = async {
+            let conn = ep
+                .connect(addr, SERVER_NAME)
+                .map_err(|e| e.to_string())?
+                .await;
+            let conn = conn.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let msg = serde_json::to_vec(hello).map_err(|e| e.to_string())?;
+            write_msg(&mut send, &msg).await?;
+            let theirs = read_hello(&mut recv).await;
+            Ok::<_, String>((conn, send, theirs))
+        };
+        let per_try = Duration::from_secs(3).min(deadline - Instant::now());
+        match timeout(per_try, attempt).await {
+            Ok(Ok((conn, send, Ok(theirs)))) => {
+                check_hello(&peer, hello, &theirs, next, place.world()).inspect_err(|_| {
+                    conn.close(CLOSE_ERROR.into(), b"configuration mismatch");
+                })?;
+                info!(%peer, "connected to the next rank");
+                return Ok((conn, send));
+            }
+            Ok(Ok((conn, _, Err(e)))) => {
+                // Connected, but the peer closed instead of answering: it refused us.
+                if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
+                    let reason = String::from_utf8_lossy(&c.reason).into_owned();
+                    return Err(TransportError::Refused { peer, reason });
+                }
+                last = e;
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "no answer".into(),
+        }
+        debug!(%peer, %last, "dial failed; retrying");
+        sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+    let secs = opts.connect_timeout.as_secs();
+    Err(TransportError::ConnectTimeout {
+        peer,
+        secs,
+        last,
+        port: addr.port(),
+    })
+}
+
+fn check_hello(
+    peer: &Peer,
+    ours: &Hello,
+    theirs: &Hello,
+    expected: Rank,
+    world: WorldSize,
+) -> Result<(), TransportError> {
+    if theirs.protocol == ours.protocol
+        && (theirs.rank != expected.0 || theirs.world != world.get())
+    {
+        let (claimed, world) = (theirs.rank, theirs.world);
+        return Err(TransportError::WrongPeer {
+            peer: peer.clone(),
+            claimed,
+            world,
+        });
+    }
+    let fields = Hello::differences(ours, theirs);
+    if fields.is_empty() {
+        Ok(())
+    } else {
+        Err(TransportError::Mismatch {
+            peer: peer.clone(),
+            fields,
+        })
+    }
+}
+
+/// Accepts connections until the previous rank arrives and agrees, or the deadline passes.
+/// Anyone else is refused with a reason and the wait goes on.
+async fn accept_prev(
+    ep: &quinn::Endpoint,
+    place: &RingPlace,
+    hello: &Hello,
+    opts: &TransportOptions,
+    deadline: Instant,
+) -> Result<(quinn::Connection, quinn::RecvStream), TransportError> {
+    let prev = place.world().prev(place.rank);
+    let peer = place.peer(prev);
+    let port = place.addrs[place.rank.0].port();
+    let secs = opts.connect_timeout.as_secs();
+    loop {
+        let incoming = match timeout_at(deadline, ep.accept()).await {
+            Ok(Some(incoming)) => incoming,
+            _ => return Err(TransportError::NoPredecessor { peer, secs, port }),
+        };
+        let remote = incoming.remote_address();
+        let greet = async {
+            let conn = incoming.await.map_err(|e| e.to_string())?;
+            let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            let theirs = read_hello(&mut recv).await?;
+            Ok::<_, String>((conn, send, recv, theirs))
+        };
+        let (conn, mut send, recv, theirs) = match timeout(Duration::from_secs(5), greet).await {
+            Ok(Ok(greeted)) => greeted,
+            Ok(Err(e)) => {
+                warn!(%remote, "a connection attempt failed before its hello: {e}");
+                continue;
+            }
+            Err(_) => {
+                warn!(%remote, "a connection sent no hello within 5 s; dropped it");
+                continue;
+            }
+        };
+        if theirs.protocol == hello.protocol
+            && (theirs.rank != prev.0 || theirs.world != place.world().get())
+        {
+            let reason = format!(
+                "{} of {} accepts only rank {} of {}, not rank {} of {}",
+                place.rank,
+                place.world().get(),
+                prev.0,
+                place.world().get(),
+                theirs.rank,
+                theirs.world
+            );
+            warn!(%remote, "refused a connection: {reason}");
+            conn.close(CLOSE_ERROR.into(), reason.as_bytes());
+            continue;
+        }
+        let msg = serde_json::to_vec(hello).expect("a hello always serializes");
+        if let Err(e) = write_msg(&mut send, &msg).await {
+            warn!(%remote, "lost a connection while answering its hello: {e}");
+            continue;
+        }
+        let _ = send.finish();
+        if let Err(e) = check_hello(&peer, hello, &theirs, prev, place.world()) {
+            // Give the peer a moment to read our hello and report the same mismatch.
+            let _ = timeout(Duration::from_secs(2), conn.closed()).await;
+            conn.close(CLOSE_ERROR.into(), b"configuration mismatch");
+            return Err(e);
+        }
+        info!(%peer, "accepted the previous rank");
+        return Ok((conn, recv));
+    }
+}
+
+/// A request from the training loop to the communication thread.
+enum Request {
+    AllReduce(Vec<f32>),
+    Broadcast(Vec<f32>),
+    CheckSame(Vec<u8>),
+}
+
+type Reply = Result<(Vec<f32>, u64), CommError>;
+
+/// The training loop's handle on the ring; all calls block until the ring has done its part.
+///
+/// Dropping the handle without [`CommHandle::finish`] closes the connections with an error
+/// code, so neighbours stop at once instead of waiting for the peer timeout.
+pub struct CommHandle {
+    requests: Option<mpsc::Sender<(Request, oneshot::Sender<Reply>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    finish: Option<oneshot::Sender<Option<String>>>,
+    bytes_sent: u64,
+}
+
+impl std::fmt::Debug for CommHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommHandle")
+            .field("bytes_sent", &self.bytes_sent)
+            .finish()
+    }
+}
+
+impl CommHandle {
+    /// Binds this rank's endpoint, forms the ring with both neighbours and returns once
+    /// both handshakes succeeded. A world of one needs no network.
+    pub fn connect(
+        place: RingPlace,
+        hello: Hello,
+        opts: TransportOptions,
+    ) -> Result<CommHandle, TransportError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (req_tx, req_rx) = mpsc::channel(1);
+        let (fin_tx, fin_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("ringtrain-comm-{}", place.rank.0))
+            .spawn(move || comm_thread(place, hello, opts, ready_tx, req_rx, fin_rx))
+            .map_err(|e| TransportError::Config(format!("cannot start a thread: {e}")))?;
+        let ready = ready_rx.recv().unwrap_or_else(|_| {
+            Err(TransportError::Config(
+                "the communication thread died during set-up".into(),
+            ))
+        });
+        let mut handle = CommHandle {
+            requests: Some(req_tx),
+            thread: Some(thread),
+            finish: Some(fin_tx),
+            bytes_sent: 0,
+        };
+        match ready {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                handle.finish = None;
+                handle.join();
+                Err(e)
+            }
+        }
+    }
+
+    /// Bytes this rank has sent on the ring so far (frames and their length prefixes).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    fn call(&mut self, req: Request) -> Result<Vec<f32>, CommError> {
+        let (tx, rx) = oneshot::channel();
+        let sender = self.requests.as_ref().ok_or(CommError::Stopped)?;
+        sender
+            .blocking_send((req, tx))
+            .map_err(|_| CommError::Stopped)?;
+        let (buf, sent) = rx.blocking_recv().map_err(|_| CommError::Stopped)??;
+        self.bytes_sent = sent;
+        Ok(buf)
+    }
+
+    /// Sums `buf` over all ranks (see [`Communicator::allreduce_sum`]).
+    pub fn allreduce_sum(&mut self, buf: Vec<f32>) -> Result<Vec<f32>, CommError> {
+        self.call(Request::AllReduce(buf))
+    }
+
+    /// Replaces `buf` by rank 0's.
+    pub fn broadcast(&mut self, buf: Vec<f32>) -> Result<Vec<f32>, CommError> {
+        self.call(Request::Broadcast(buf))
+    }
+
+    /// Fails with [`CommError::Diverged`] unless every rank passes the same `digest`.
+    pub fn check_same(&mut self, digest: &[u8]) -> Result<(), CommError> {
+        self.call(Request::CheckSame(digest.to_vec())).map(|_| ())
+    }
+
+    /// Ends the run cleanly: waits until the neighbours have everything, then closes.
+    pub fn finish(mut self) {
+        if let Some(fin) = self.finish.take() {
+            let _ = fin.send(None);
+        }
+        self.join();
+    }
+
+    /// Stops with an error: neighbours see the connection closed with `reason`.
+    pub fn abort(mut self, reason: &str) {
+        if let Some(fin) = self.finish.take() {
+            let _ = fin.send(Some(reason.to_string()));
+        }
+        self.join();
+    }
+
+    fn join(&mut self) {
+        self.requests = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CommHandle {
+    fn drop(&mut self) {
+        if let Some(fin) = self.finish.take() {
+            let _ = fin.send(Some("the rank stopped".into()));
+        }
+        self.join();
+    }
+}
+
+type Links = Option<(
+    quinn::Connection,
+    quinn::Connection,
+    Communicator<QuicSend, QuicRecv>,
+)>;
+
+fn comm_thread(
+    place: RingPlace,
+    hello: Hello,
+    opts: TransportOptions,
+    ready: std::sync::mpsc::Sender<Result<(), TransportError>>,
+    mut requests: mpsc::Receiver<(Request, oneshot::Sender<Reply>)>,
+    finish: oneshot::Receiver<Option<String>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(TransportError::Config(format!("tokio runtime: {e}"))));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let world = place.world();
+        let setup = form_ring(&place, &hello, &opts).await;
+        let (ep, mut links) = match setup {
+            Ok(v) => v,
+            Err((ep, e)) => {
+                if let Some(ep) = ep {
+                    close_endpoint(&ep, CLOSE_ERROR, &e.to_string()).await;
+                }
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        let mut failed: Option<String> = None;
+        while let Some((req, reply)) = requests.recv().await {
+            let result = serve(&mut links, req, world).await;
+            if let Err(e) = &result {
+                failed = Some(e.to_string());
+            }
+            let _ = reply.send(result);
+            if failed.is_some() {
+                break;
+            }
+        }
+        let reason = failed.or(finish.await.unwrap_or(Some("the rank stopped".into())));
+        shutdown(ep, links, reason, &opts).await;
+    });
+}
+
+type Formed = (Option<quinn::Endpoint>, Links);
+
+async fn form_ring(
+    place: &RingPlace,
+    hello: &Hello,
+    opts: &TransportOptions,
+) -> Result<Formed, (Option<quinn::Endpoint>, TransportError)> {
+    let world = place.world();
+    if world.get() == 1 {
+        return Ok((None, None));
+    }
+    let bind = bind_addr(place.addrs[place.rank.0]);
+    let ep = endpoint(place.rank, bind, opts).map_err(|e| (None, e))?;
+    let deadline = Instant::now() + opts.connect_timeout;
+    let both = tokio::try_join!(
+        connect_next(&ep, place, hello, opts, deadline),
+        accept_prev(&ep, place, hello, opts, deadline)
+    );
+    let ((out_conn, send), (in_conn, recv)) = match both {
+        Ok(v) => v,
+        Err(e) => return Err((Some(ep), e)),
+    };
+    let next = place.peer(world.next(place.rank));
+    let prev = place.peer(world.prev(place.rank));
+    let max_frame = crate::frame::HEADER_LEN + 4 * opts.segment.max(1);
+    let tx = QuicSend {
+        peer: next,
+        stream: send,
+    };
+    let rx = QuicRecv {
+        peer: prev,
+        stream: recv,
+        max_frame,
+    };
+    let comm = Communicator::new(place.rank, world, tx, rx, opts.segment);
+    Ok((Some(ep), Some((out_conn, in_conn, comm))))
+}
+
+async fn serve(links: &mut Links, req: Request, _world: WorldSize) -> Reply {
+    let Some((_, _, comm)) = links.as_mut() else {
+        // A world of one: every collective is the identity.
+        return match req {
+            Request::AllReduce(b) | Request::Broadcast(b) => Ok((b, 0)),
+            Request::CheckSame(_) => Ok((Vec::new(), 0)),
+        };
+    };
+    let out = match req {
+        Request::AllReduce(mut b) => comm.allreduce_sum(&mut b).await.map(|_| b),
+        Request::Broadcast(mut b) => comm.broadcast(&mut b).await.map(|_| b),
+        Request::CheckSame(d) => comm.check_same(&d).await.map(|_| Vec::new()),
+    };
+    out.map(|b| (b, comm.bytes_sent()))
+}
+
+async fn shutdown(
+    ep: Option<quinn::Endpoint>,
+    links: Links,
+    reason: Option<String>,
+    opts: &TransportOptions,
+) {
+    let Some(ep) = ep else { return };
+    if let (None, Some((out_conn, in_conn, comm))) = (&reason, links) {
+        // Finish our stream, wait until the next rank has read it all and the previous
+        // rank has finished its stream to us: then nobody loses a frame when we close.
+        let (mut tx, mut rx) = comm.into_links();
+        let _ = tx.stream.finish();
+        let wait = async {
+            let _ = tx.stream.stopped().await;
+            let _ = rx.stream.read_to_end(1 << 20).await;
+        };
+        if timeout(opts.peer_timeout, wait).await.is_err() {
+            warn!("neighbours did not confirm the end of the run in time; closing anyway");
+        }
+        out_conn.close(CLOSE_DONE.into(), b"done");
+        in_conn.close(CLOSE_DONE.into(), b"done");
+        close_endpoint(&ep, CLOSE_DONE, "done").await;
+        return;
+    }
+    let reason = reason.unwrap_or_default();
+    close_endpoint(&ep, CLOSE_ERROR, &reason).await;
+}
+
+async fn close_endpoint(ep: &quinn::Endpoint, code: u32, reason: &str) {
+    // A close reason must fit in one packet; keep it short.
+    let reason: String = reason.chars().take(600).collect();
+    ep.close(code.into(), reason.as_bytes());
+    let _ = timeout(Duration::from_secs(1), ep.wait_idle()).await;
+}

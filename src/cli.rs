@@ -1,0 +1,256 @@
+//! Command-line flags (clap) and their translation into a [`TrainConfig`].
+//!
+//! `ringtrain --hosts FILE --rank N [training flags]` trains (the default command, also
+//! `ringtrain train`); `ringtrain launch --np K [training flags]` runs K ranks locally.
+//! [`TrainOpts::to_args`] writes the training flags back out so `launch` can hand exactly
+//! the same settings to every rank.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::data::DataSpec;
+use crate::optim::OptimizerKind;
+use crate::train::{TrainConfig, optim_config};
+
+/// ringtrain: data-parallel training with a ring all-reduce over QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "ringtrain", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; training when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Training flags when no subcommand is given.
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train as one rank of a cluster (the default command).
+    Train(TrainArgs),
+    /// Run a whole cluster of ranks on this machine, on 127.0.0.1.
+    Launch(LaunchArgs),
+}
+
+/// Flags of one rank.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct TrainArgs {
+    /// Hosts file: one HOST:PORT per line; rank N is the N-th address.
+    #[arg(long, value_name = "FILE")]
+    pub hosts: Option<PathBuf>,
+    /// This process's rank, 0 .. number of addresses in the hosts file.
+    #[arg(long, value_name = "N")]
+    pub rank: Option<usize>,
+    /// Training settings.
+    #[command(flatten)]
+    pub opts: TrainOpts,
+}
+
+/// Flags of `ringtrain launch`.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct LaunchArgs {
+    /// Number of ranks to start.
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    pub np: usize,
+    /// Training settings, passed to every rank.
+    #[command(flatten)]
+    pub opts: TrainOpts,
+}
+
+/// Training settings shared by `train` and `launch`.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct TrainOpts {
+    /// Epochs over the training set (ignored when --steps is given).
+    #[arg(long, default_value_t = 2)]
+    pub epochs: u64,
+    /// Total optimizer steps; overrides --epochs.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Samples per rank per step (the global batch is this times the number of ranks).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Learning rate [default: 0.05 for sgd, 0.001 for adam].
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Optimizer: sgd (with momentum) or adam.
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: OptimizerKind,
+    /// Hidden layer widths, comma-separated; `none` for softmax regression.
+    #[arg(long, default_value = "128,64", value_name = "W1,W2,..")]
+    pub hidden: Widths,
+    /// Seed for data, initial parameters and shuffling; must match on every rank.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Dataset: `synthetic` (built in) or `mnist:DIR` with MNIST/Fashion-MNIST IDX files.
+    #[arg(long, default_value = "synthetic")]
+    pub data: DataSpec,
+    /// Compare parameter digests across ranks every K steps (0: only at the end).
+    #[arg(long, default_value_t = 50, value_name = "K")]
+    pub check_every: u64,
+    /// Print a progress line every this many steps.
+    #[arg(long, default_value_t = 20)]
+    pub log_every: u64,
+    /// Seconds to keep trying to reach the neighbours at start-up.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub connect_timeout: f64,
+    /// Seconds of silence after which a neighbour counts as lost.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub peer_timeout: f64,
+    /// All-reduce segment size in f32 elements (frames are pipelined per segment).
+    #[arg(long, default_value_t = crate::collective::DEFAULT_SEGMENT)]
+    pub segment: usize,
+    /// Write the run's summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_out: Option<PathBuf>,
+}
+
+impl TrainOpts {
+    /// The configuration these flags describe, or a message naming the bad flag.
+    pub fn to_config(&self) -> Result<TrainConfig, String> {
+        let secs = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e9 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!("--{name} must be a positive number of seconds, got {v}"))
+            }
+        };
+        Ok(TrainConfig {
+            epochs: self.epochs,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            optim: optim_config(self.optimizer, self.lr, self.momentum),
+            hidden: self.hidden.0.clone(),
+            seed: self.seed,
+            data: self.data.clone(),
+            check_every: self.check_every,
+            log_every: self.log_every,
+            connect_timeout: secs("connect-timeout", self.connect_timeout)?,
+            peer_timeout: secs("peer-timeout", self.peer_timeout)?,
+            segment: self.segment,
+            metrics_out: self.metrics_out.clone(),
+        })
+    }
+
+    /// These settings as command-line flags that parse back to the same value.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: String| {
+            a.push(format!("--{name}").into());
+            a.push(value.into());
+        };
+        flag("epochs", self.epochs.to_string());
+        if let Some(s) = self.steps {
+            flag("steps", s.to_string());
+        }
+        flag("batch-size", self.batch_size.to_string());
+        if let Some(lr) = self.lr {
+            flag("lr", lr.to_string());
+        }
+        flag("momentum", self.momentum.to_string());
+        flag("optimizer", self.optimizer.to_string());
+        flag("hidden", self.hidden.to_string());
+        flag("seed", self.seed.to_string());
+        flag("data", self.data.to_string());
+        flag("check-every", self.check_every.to_string());
+        flag("log-every", self.log_every.to_string());
+        flag("connect-timeout", self.connect_timeout.to_string());
+        flag("peer-timeout", self.peer_timeout.to_string());
+        flag("segment", self.segment.to_string());
+        if let Some(p) = &self.metrics_out {
+            a.push("--metrics-out".into());
+            a.push(p.clone().into_os_string());
+        }
+        a
+    }
+}
+
+/// Hidden layer widths as written on the command line: `256,128`, or `none`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Widths(pub Vec<usize>);
+
+impl std::str::FromStr for Widths {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() || s == "none" {
+            return Ok(Widths(Vec::new()));
+        }
+        let parse = |w: &str| match w.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("expected positive layer widths like 256,128 (or none), got {w:?}")),
+        };
+        s.split(',').map(parse).collect::<Result<_, _>>().map(Widths)
+    }
+}
+
+impl std::fmt::Display for Widths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        let parts: Vec<String> = self.0.iter().map(usize::to_string).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("ringtrain").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn training_is_the_default_command() {
+        let cli = parse(&["--hosts", "h.txt", "--rank", "2", "--hidden", "3,4"]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.train.rank, Some(2));
+        assert_eq!(cli.train.opts.hidden, Widths(vec![3, 4]));
+        let cli = parse(&["train", "--hosts", "h.txt", "--rank", "1"]);
+        assert!(matches!(cli.command, Some(Command::Train(ref t)) if t.rank == Some(1)));
+    }
+
+    #[test]
+    fn to_args_round_trips_through_the_parser() {
+        let cli = parse(&[
+            "launch", "--np", "3", "--steps", "7", "--lr", "0.125", "--optimizer", "adam",
+            "--hidden", "none", "--data", "mnist:/tmp/x y", "--metrics-out", "/tmp/m.json",
+            "--peer-timeout", "2.5", "--seed", "9",
+        ]);
+        let Some(Command::Launch(launch)) = cli.command else { panic!("launch expected") };
+        assert_eq!(launch.opts.hidden, Widths(vec![]));
+        let mut args: Vec<OsString> = vec!["ringtrain".into(), "train".into()];
+        args.extend(launch.opts.to_args());
+        let again = Cli::try_parse_from(args).unwrap();
+        let Some(Command::Train(train)) = again.command else { panic!("train expected") };
+        assert_eq!(train.opts, launch.opts);
+        let defaults = parse(&["launch"]);
+        let Some(Command::Launch(d)) = defaults.command else { panic!("launch expected") };
+        let mut args: Vec<OsString> = vec!["ringtrain".into(), "launch".into()];
+        args.extend(d.opts.to_args());
+        let Some(Command::Launch(d2)) = Cli::try_parse_from(args).unwrap().command else {
+            panic!("launch expected")
+        };
+        assert_eq!(d2.opts, d.opts);
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let cli = parse(&["--hosts", "h", "--rank", "0", "--peer-timeout", "-1"]);
+        let err = cli.train.opts.to_config().unwrap_err();
+        assert!(err.contains("--peer-timeout"), "{err}");
+        let err = Cli::try_parse_from(["ringtrain", "--optimizer", "rmsprop"]).unwrap_err();
+        assert!(err.to_string().contains("rmsprop"), "{err}");
+        let err = Cli::try_parse_from(["ringtrain", "--hidden", "8,0"]).unwrap_err();
+        assert!(err.to_string().contains("\"0\""), "{err}");
+    }
+}
