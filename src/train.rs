@@ -165,12 +165,21 @@ pub fn param_digest(params: &[f32]) -> blake3::Hash {
     h.finalize()
 }
 
+/// What a finished run leaves: the summary and the final parameters.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    /// The summary (also written by `--metrics-out`).
+    pub summary: Summary,
+    /// The final parameters, laid out as [`Mlp::tensors`] says.
+    pub params: Vec<f32>,
+}
+
 /// Loads the hosts file, checks `rank`, and runs the rank.
 pub fn run_from_hosts(
     cfg: &TrainConfig,
     hosts: &std::path::Path,
     rank: usize,
-) -> Result<Summary, TrainError> {
+) -> Result<Trained, TrainError> {
     let hosts = Hosts::load(hosts)?;
     hosts.check_rank(rank)?;
     let addrs = (0..hosts.world_size()).map(|r| hosts.addr(r)).collect();
@@ -211,7 +220,7 @@ pub fn fingerprint(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<S
 }
 
 /// Runs one rank to completion.
-pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Summary, TrainError> {
+pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
     validate(cfg)?;
     let rank = place.rank;
     let world = place.addrs.len();
@@ -249,10 +258,16 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Summary, TrainError> {
     params = comm.broadcast(params)?;
     let result = Loop::new(cfg, &model, &data, sampler, rank, world).run(&mut comm, params);
     match result {
-        Ok(summary) => {
+        Ok(trained) => {
             comm.finish();
-            write_summary(cfg, &summary)?;
-            Ok(summary)
+            write_summary(cfg, &trained.summary)?;
+            Ok(trained)
+        }
+        // Diverged replicas leave the links sound: end them cleanly so every rank gets
+        // the same verdict instead of a lost connection.
+        Err(e @ TrainError::Comm(CommError::Diverged(_))) => {
+            comm.finish();
+            Err(e)
         }
         Err(e) => {
             comm.abort(&format!("rank {} stopped: {e}", rank.0));
@@ -333,7 +348,7 @@ impl<'a> Loop<'a> {
         self.cfg.steps.unwrap_or(self.cfg.epochs * per_epoch)
     }
 
-    fn run(mut self, comm: &mut CommHandle, mut params: Vec<f32>) -> Result<Summary, TrainError> {
+    fn run(mut self, comm: &mut CommHandle, mut params: Vec<f32>) -> Result<Trained, TrainError> {
         let (b, features, p) = (self.cfg.batch_size, self.data.features, params.len());
         let mut optimizer = Optimizer::new(self.cfg.optim.clone(), p);
         let mut ws = Workspace::new();
@@ -378,13 +393,9 @@ impl<'a> Loop<'a> {
         }
         let train_time = start.elapsed();
         comm.check_same(param_digest(&params).as_bytes())?;
-        Ok(self.summary(
-            total,
-            train_time,
-            window.last_mean,
-            &params,
-            comm.bytes_sent(),
-        ))
+        let sent = comm.bytes_sent();
+        let summary = self.summary(total, train_time, window.last_mean, &params, sent);
+        Ok(Trained { summary, params })
     }
 
     fn log_progress(

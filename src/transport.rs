@@ -17,6 +17,7 @@
 //! runtime and serves the training loop's blocking requests.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -475,7 +476,10 @@ async fn connect_next(
             Ok(Ok((conn, _, Err(e)))) => {
                 // Connected, but the peer closed instead of answering: it refused us.
                 if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
-                    let reason = String::from_utf8_lossy(&c.reason).into_owned();
+                    let mut reason = String::from_utf8_lossy(&c.reason).into_owned();
+                    if reason.is_empty() {
+                        reason = "it closed the connection during the handshake (see its log)".into();
+                    }
                     return Err(TransportError::Refused { peer, reason });
                 }
                 last = e;
@@ -762,8 +766,10 @@ fn comm_thread(
         let mut failed: Option<String> = None;
         while let Some((req, reply)) = requests.recv().await {
             let result = serve(&mut links, req, world).await;
-            if let Err(e) = &result {
-                failed = Some(e.to_string());
+            match &result {
+                // Diverged replicas are the caller's to handle; the links are still sound.
+                Err(CommError::Diverged(_)) | Ok(_) => {}
+                Err(e) => failed = Some(e.to_string()),
             }
             let _ = reply.send(result);
             if failed.is_some() {
@@ -789,10 +795,11 @@ async fn form_ring(
     let bind = bind_addr(place.addrs[place.rank.0]);
     let ep = endpoint(place.rank, bind, opts).map_err(|e| (None, e))?;
     let deadline = Instant::now() + opts.connect_timeout;
-    let both = tokio::try_join!(
+    let both = both_neighbours(
         connect_next(&ep, place, hello, opts, deadline),
-        accept_prev(&ep, place, hello, opts, deadline)
-    );
+        accept_prev(&ep, place, hello, opts, deadline),
+    )
+    .await;
     let ((out_conn, send), (in_conn, recv)) = match both {
         Ok(v) => v,
         Err(e) => return Err((Some(ep), e)),
@@ -811,6 +818,32 @@ async fn form_ring(
     };
     let comm = Communicator::new(place.rank, world, tx, rx, opts.segment);
     Ok((Some(ep), Some((out_conn, in_conn, comm))))
+}
+
+/// Waits for both handshakes. When one fails, the other gets a short grace period so that
+/// its neighbour still receives our hello and can report the same problem itself.
+async fn both_neighbours<A, B>(
+    a: impl Future<Output = Result<A, TransportError>>,
+    b: impl Future<Output = Result<B, TransportError>>,
+) -> Result<(A, B), TransportError> {
+    let grace = Duration::from_secs(2);
+    tokio::pin!(a, b);
+    tokio::select! {
+        ra = &mut a => match ra {
+            Ok(ra) => Ok((ra, b.await?)),
+            Err(e) => {
+                let _ = timeout(grace, b).await;
+                Err(e)
+            }
+        },
+        rb = &mut b => match rb {
+            Ok(rb) => Ok((a.await?, rb)),
+            Err(e) => {
+                let _ = timeout(grace, a).await;
+                Err(e)
+            }
+        },
+    }
 }
 
 async fn serve(links: &mut Links, req: Request, _world: WorldSize) -> Reply {
