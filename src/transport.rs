@@ -217,7 +217,10 @@ pub struct QuicRecv {
 impl SendLink for QuicSend {
     async fn send(&mut self, frame: Bytes) -> Result<(), CommError> {
         let len = (frame.len() as u32).to_le_bytes();
-        let lost = |e: quinn::WriteError| lost(&self.peer, e);
+        let lost = |e: quinn::WriteError| match e {
+            quinn::WriteError::ConnectionLost(c) => lost(&self.peer, why_lost(&c)),
+            other => lost(&self.peer, other),
+        };
         self.stream.write_all(&len).await.map_err(lost)?;
         self.stream.write_chunk(frame).await.map_err(lost)
     }
@@ -230,7 +233,15 @@ impl SendLink for QuicSend {
 impl RecvLink for QuicRecv {
     async fn recv(&mut self) -> Result<Bytes, CommError> {
         let mut len = [0u8; 4];
-        let read_lost = |e: quinn::ReadExactError| lost(&self.peer, e);
+        let read_lost = |e: quinn::ReadExactError| match e {
+            quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
+                lost(&self.peer, why_lost(&c))
+            }
+            quinn::ReadExactError::FinishedEarly(_) => {
+                lost(&self.peer, "it ended its stream in the middle of the run")
+            }
+            other => lost(&self.peer, other),
+        };
         self.stream.read_exact(&mut len).await.map_err(read_lost)?;
         let len = u32::from_le_bytes(len) as usize;
         if len > self.max_frame {
@@ -248,6 +259,22 @@ impl RecvLink for QuicRecv {
 
     fn peer(&self) -> &Peer {
         &self.peer
+    }
+}
+
+/// Says in words why a connection ended, with the peer's own reason when it gave one.
+fn why_lost(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) if !c.reason.is_empty() => {
+            format!("it closed the connection: {}", String::from_utf8_lossy(&c.reason))
+        }
+        quinn::ConnectionError::ApplicationClosed(_) => "it closed the connection".into(),
+        quinn::ConnectionError::TimedOut => {
+            "no packets within the peer timeout: the process died, hangs, or the network \
+             between us is cut"
+                .into()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -776,7 +803,10 @@ fn comm_thread(
                 break;
             }
         }
-        let reason = failed.or(finish.await.unwrap_or(Some("the rank stopped".into())));
+        let reason = match failed {
+            Some(reason) => Some(reason),
+            None => finish.await.unwrap_or(Some("the rank stopped".into())),
+        };
         shutdown(ep, links, reason, &opts).await;
     });
 }
@@ -869,25 +899,31 @@ async fn shutdown(
     opts: &TransportOptions,
 ) {
     let Some(ep) = ep else { return };
-    if let (None, Some((out_conn, in_conn, comm))) = (&reason, links) {
-        // Finish our stream, wait until the next rank has read it all and the previous
-        // rank has finished its stream to us: then nobody loses a frame when we close.
-        let (mut tx, mut rx) = comm.into_links();
-        let _ = tx.stream.finish();
-        let wait = async {
-            let _ = tx.stream.stopped().await;
-            let _ = rx.stream.read_to_end(1 << 20).await;
-        };
-        if timeout(opts.peer_timeout, wait).await.is_err() {
-            warn!("neighbours did not confirm the end of the run in time; closing anyway");
-        }
-        out_conn.close(CLOSE_DONE.into(), b"done");
-        in_conn.close(CLOSE_DONE.into(), b"done");
-        close_endpoint(&ep, CLOSE_DONE, "done").await;
+    if let Some(reason) = reason {
+        // Close before the connection handles drop: dropping them first would close the
+        // connections without our reason.
+        close_endpoint(&ep, CLOSE_ERROR, &reason).await;
+        drop(links);
         return;
     }
-    let reason = reason.unwrap_or_default();
-    close_endpoint(&ep, CLOSE_ERROR, &reason).await;
+    let Some((out_conn, in_conn, comm)) = links else {
+        close_endpoint(&ep, CLOSE_DONE, "done").await;
+        return;
+    };
+    // Finish our stream, wait until the next rank has read it all and the previous rank
+    // has finished its stream to us: then nobody loses a frame when we close.
+    let (mut tx, mut rx) = comm.into_links();
+    let _ = tx.stream.finish();
+    let wait = async {
+        let _ = tx.stream.stopped().await;
+        let _ = rx.stream.read_to_end(1 << 20).await;
+    };
+    if timeout(opts.peer_timeout, wait).await.is_err() {
+        warn!("neighbours did not confirm the end of the run in time; closing anyway");
+    }
+    out_conn.close(CLOSE_DONE.into(), b"done");
+    in_conn.close(CLOSE_DONE.into(), b"done");
+    close_endpoint(&ep, CLOSE_DONE, "done").await;
 }
 
 async fn close_endpoint(ep: &quinn::Endpoint, code: u32, reason: &str) {
