@@ -118,7 +118,9 @@ impl TrainOpts {
             if v.is_finite() && v > 0.0 && v < 1e9 {
                 Ok(Duration::from_secs_f64(v))
             } else {
-                Err(format!("--{name} must be a positive number of seconds, got {v}"))
+                Err(format!(
+                    "--{name} must be a positive number of seconds, got {v}"
+                ))
             }
         };
         Ok(TrainConfig {
@@ -185,9 +187,14 @@ impl std::str::FromStr for Widths {
         }
         let parse = |w: &str| match w.trim().parse::<usize>() {
             Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("expected positive layer widths like 256,128 (or none), got {w:?}")),
+            _ => Err(format!(
+                "expected positive layer widths like 256,128 (or none), got {w:?}"
+            )),
         };
-        s.split(',').map(parse).collect::<Result<_, _>>().map(Widths)
+        s.split(',')
+            .map(parse)
+            .collect::<Result<_, _>>()
+            .map(Widths)
     }
 }
 
@@ -222,19 +229,41 @@ mod tests {
     #[test]
     fn to_args_round_trips_through_the_parser() {
         let cli = parse(&[
-            "launch", "--np", "3", "--steps", "7", "--lr", "0.125", "--optimizer", "adam",
-            "--hidden", "none", "--data", "mnist:/tmp/x y", "--metrics-out", "/tmp/m.json",
-            "--peer-timeout", "2.5", "--seed", "9",
+            "launch",
+            "--np",
+            "3",
+            "--steps",
+            "7",
+            "--lr",
+            "0.125",
+            "--optimizer",
+            "adam",
+            "--hidden",
+            "none",
+            "--data",
+            "mnist:/tmp/x y",
+            "--metrics-out",
+            "/tmp/m.json",
+            "--peer-timeout",
+            "2.5",
+            "--seed",
+            "9",
         ]);
-        let Some(Command::Launch(launch)) = cli.command else { panic!("launch expected") };
+        let Some(Command::Launch(launch)) = cli.command else {
+            panic!("launch expected")
+        };
         assert_eq!(launch.opts.hidden, Widths(vec![]));
         let mut args: Vec<OsString> = vec!["ringtrain".into(), "train".into()];
         args.extend(launch.opts.to_args());
         let again = Cli::try_parse_from(args).unwrap();
-        let Some(Command::Train(train)) = again.command else { panic!("train expected") };
+        let Some(Command::Train(train)) = again.command else {
+            panic!("train expected")
+        };
         assert_eq!(train.opts, launch.opts);
         let defaults = parse(&["launch"]);
-        let Some(Command::Launch(d)) = defaults.command else { panic!("launch expected") };
+        let Some(Command::Launch(d)) = defaults.command else {
+            panic!("launch expected")
+        };
         let mut args: Vec<OsString> = vec!["ringtrain".into(), "launch".into()];
         args.extend(d.opts.to_args());
         let Some(Command::Launch(d2)) = Cli::try_parse_from(args).unwrap().command else {
@@ -245,7 +274,7 @@ mod tests {
 
     #[test]
     fn bad_flags_are_named() {
-        let cli = parse(&["--hosts", "h", "--rank", "0", "--peer-timeout", "-1"]);
+        let cli = parse(&["--hosts", "h", "--rank", "0", "--peer-timeout", "0"]);
         let err = cli.train.opts.to_config().unwrap_err();
         assert!(err.contains("--peer-timeout"), "{err}");
         let err = Cli::try_parse_from(["ringtrain", "--optimizer", "rmsprop"]).unwrap_err();

@@ -98,7 +98,11 @@ impl Header {
 
 /// Encodes a frame of `f32`s.
 pub fn encode_f32(header: Header, values: &[f32]) -> Bytes {
-    debug_assert_eq!(header.count as usize, values.len(), "header count must match payload");
+    debug_assert_eq!(
+        header.count as usize,
+        values.len(),
+        "header count must match payload"
+    );
     let mut out = BytesMut::with_capacity(HEADER_LEN + 4 * values.len());
     put_header(&mut out, header);
     for v in values {
@@ -109,7 +113,11 @@ pub fn encode_f32(header: Header, values: &[f32]) -> Bytes {
 
 /// Encodes a frame of raw bytes (digests).
 pub fn encode_bytes(header: Header, payload: &[u8]) -> Bytes {
-    debug_assert_eq!(header.count as usize, payload.len(), "header count must match payload");
+    debug_assert_eq!(
+        header.count as usize,
+        payload.len(),
+        "header count must match payload"
+    );
     let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len());
     put_header(&mut out, header);
     out.put_slice(payload);
@@ -181,7 +189,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn header(count: u32) -> Header {
-        Header { kind: FrameKind::AllGather, step: 3, seq: 9, chunk: 2, offset: 1 << 40, count }
+        Header {
+            kind: FrameKind::AllGather,
+            step: 3,
+            seq: 9,
+            chunk: 2,
+            offset: 1 << 40,
+            count,
+        }
     }
 
     #[test]
@@ -208,11 +223,20 @@ mod tests {
         assert_eq!(decode(&bytes), Err(FrameError::Reserved(1)));
         bytes[1] = 0;
         bytes.push(0);
-        assert!(matches!(decode(&bytes), Err(FrameError::Length { count: 1, .. })));
+        assert!(matches!(
+            decode(&bytes),
+            Err(FrameError::Length { count: 1, .. })
+        ));
         // A huge count is refused by comparison, never by allocating it.
         let mut big = encode_bytes(header(0), &[]).to_vec();
         big[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode(&big), Err(FrameError::Length { count: u32::MAX, .. })));
+        assert!(matches!(
+            decode(&big),
+            Err(FrameError::Length {
+                count: u32::MAX,
+                ..
+            })
+        ));
     }
 
     proptest! {

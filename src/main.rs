@@ -22,7 +22,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            let code = match (e.downcast_ref::<TrainError>(), e.downcast_ref::<LaunchFailed>()) {
+            let code = match (
+                e.downcast_ref::<TrainError>(),
+                e.downcast_ref::<LaunchFailed>(),
+            ) {
                 (Some(t), _) => t.exit_code(),
                 (_, Some(l)) => l.0,
                 _ => 2,
@@ -45,17 +48,22 @@ fn init_logging() {
 
 fn run_rank(args: &TrainArgs) -> anyhow::Result<u8> {
     let Some(hosts) = &args.hosts else {
-        bail!("--hosts FILE is required (one HOST:PORT per line); to try ringtrain on one \
-               machine run `ringtrain launch --np 4`");
+        bail!(
+            "--hosts FILE is required (one HOST:PORT per line); to try ringtrain on one \
+               machine run `ringtrain launch --np 4`"
+        );
     };
     let Some(rank) = args.rank else {
-        bail!("--rank N is required: this process's line in {} (0 is the first)", hosts.display());
+        bail!(
+            "--rank N is required: this process's line in {} (0 is the first)",
+            hosts.display()
+        );
     };
     let cfg = args.opts.to_config().map_err(anyhow::Error::msg)?;
     let span = tracing::info_span!("rank", rank);
     let _guard = span.enter();
-    let summary = train::run_from_hosts(&cfg, hosts, rank)?;
-    report(&summary);
+    let trained = train::run_from_hosts(&cfg, hosts, rank)?;
+    report(&trained.summary);
     Ok(0)
 }
 
@@ -121,7 +129,11 @@ struct LaunchFailed(i32, Option<usize>);
 impl std::fmt::Display for LaunchFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.1 {
-            Some(rank) => write!(f, "rank {rank} failed first (exit code {}); stopped the others", self.0),
+            Some(rank) => write!(
+                f,
+                "rank {rank} failed first (exit code {}); stopped the others",
+                self.0
+            ),
             None => write!(f, "the launch failed (exit code {})", self.0),
         }
     }

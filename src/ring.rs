@@ -77,7 +77,10 @@ pub enum Phase {
 /// most one (the first `len % world` chunks are one longer). Chunks may be empty when
 /// `len < world`.
 pub fn chunk_range(len: usize, world: WorldSize, chunk: usize) -> Range<usize> {
-    debug_assert!(chunk < world.get(), "chunk index {chunk} must be < world size");
+    debug_assert!(
+        chunk < world.get(),
+        "chunk index {chunk} must be < world size"
+    );
     let base = len / world.get();
     let extra = len % world.get();
     let start = chunk * base + chunk.min(extra);
@@ -123,7 +126,10 @@ impl Plan {
     /// The all-reduce plan of `rank` for a buffer of `len` elements.
     pub fn allreduce(rank: Rank, world: WorldSize, len: usize, segment: usize) -> Plan {
         let n = world.get();
-        let mut plan = Plan { sends: Vec::new(), recvs: Vec::new() };
+        let mut plan = Plan {
+            sends: Vec::new(),
+            recvs: Vec::new(),
+        };
         if n == 1 {
             return plan;
         }
@@ -134,23 +140,47 @@ impl Plan {
             done_before.push(plan.recvs.len());
             let (phase, send_chunk, recv_chunk) = if step < n - 1 {
                 let s = step;
-                (Phase::ReduceScatter, world.sub(rank.0, s), world.sub(rank.0, s + 1))
+                (
+                    Phase::ReduceScatter,
+                    world.sub(rank.0, s),
+                    world.sub(rank.0, s + 1),
+                )
             } else {
                 let s = step - (n - 1);
-                (Phase::AllGather, world.sub(rank.0 + 1, s), world.sub(rank.0, s))
+                (
+                    Phase::AllGather,
+                    world.sub(rank.0 + 1, s),
+                    world.sub(rank.0, s),
+                )
             };
-            let prior = if step == 0 { None } else { Some(done_before[step - 1]) };
+            let prior = if step == 0 {
+                None
+            } else {
+                Some(done_before[step - 1])
+            };
             let send_range = chunk_range(len, world, send_chunk);
             for (k, range) in segments(send_range, segment).enumerate() {
                 // The chunk sent now is the one received in the previous step, segment
                 // for segment: segment k may go once that step's k-th receive is done.
                 let needs_recvs = prior.map_or(0, |first| first + k + 1);
-                let op = SegmentOp { phase, step, chunk: send_chunk, range, needs_recvs };
+                let op = SegmentOp {
+                    phase,
+                    step,
+                    chunk: send_chunk,
+                    range,
+                    needs_recvs,
+                };
                 plan.sends.push(op);
             }
             let recv_range = chunk_range(len, world, recv_chunk);
             for range in segments(recv_range, segment) {
-                let op = SegmentOp { phase, step, chunk: recv_chunk, range, needs_recvs: 0 };
+                let op = SegmentOp {
+                    phase,
+                    step,
+                    chunk: recv_chunk,
+                    range,
+                    needs_recvs: 0,
+                };
                 plan.recvs.push(op);
             }
         }
@@ -160,7 +190,10 @@ impl Plan {
     /// The plan of `rank` for broadcasting rank 0's buffer along the ring
     /// `0 -> 1 -> ... -> world - 1`; every segment is forwarded as soon as it arrives.
     pub fn broadcast(rank: Rank, world: WorldSize, len: usize, segment: usize) -> Plan {
-        let mut plan = Plan { sends: Vec::new(), recvs: Vec::new() };
+        let mut plan = Plan {
+            sends: Vec::new(),
+            recvs: Vec::new(),
+        };
         let n = world.get();
         if n == 1 {
             return plan;
@@ -228,7 +261,9 @@ mod tests {
                 }
                 let from = (r + n - 1) % n;
                 while let Some(op) = plans[r].recvs.get(recvd[r]) {
-                    let Some((wire, data)) = links[from].pop_front() else { break };
+                    let Some((wire, data)) = links[from].pop_front() else {
+                        break;
+                    };
                     if (wire.step, wire.chunk, &wire.range) != (op.step, op.chunk, &op.range) {
                         return Err(format!("rank {r} expected {op:?}, got {wire:?}"));
                     }
@@ -239,9 +274,8 @@ mod tests {
                     progressed = true;
                 }
             }
-            let done = (0..n).all(|r| {
-                sent[r] == plans[r].sends.len() && recvd[r] == plans[r].recvs.len()
-            });
+            let done =
+                (0..n).all(|r| sent[r] == plans[r].sends.len() && recvd[r] == plans[r].recvs.len());
             if done {
                 return if links.iter().all(VecDeque::is_empty) {
                     Ok(())
@@ -347,7 +381,10 @@ mod tests {
         let (n, len) = (4, 1000);
         let plan = Plan::allreduce(Rank(1), world(n), len, 64);
         assert_eq!(plan.elements_sent(), 2 * (n - 1) * len / n);
-        assert_eq!(plan.sends.iter().map(|o| o.step).max(), Some(2 * (n - 1) - 1));
+        assert_eq!(
+            plan.sends.iter().map(|o| o.step).max(),
+            Some(2 * (n - 1) - 1)
+        );
     }
 
     #[test]

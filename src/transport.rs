@@ -266,7 +266,10 @@ impl RecvLink for QuicRecv {
 fn why_lost(e: &quinn::ConnectionError) -> String {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) if !c.reason.is_empty() => {
-            format!("it closed the connection: {}", String::from_utf8_lossy(&c.reason))
+            format!(
+                "it closed the connection: {}",
+                String::from_utf8_lossy(&c.reason)
+            )
         }
         quinn::ConnectionError::ApplicationClosed(_) => "it closed the connection".into(),
         quinn::ConnectionError::TimedOut => {
@@ -505,7 +508,8 @@ async fn connect_next(
                 if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
                     let mut reason = String::from_utf8_lossy(&c.reason).into_owned();
                     if reason.is_empty() {
-                        reason = "it closed the connection during the handshake (see its log)".into();
+                        reason =
+                            "it closed the connection during the handshake (see its log)".into();
                     }
                     return Err(TransportError::Refused { peer, reason });
                 }

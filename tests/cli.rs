@@ -9,7 +9,11 @@ use ringtrain::launch::free_local_addrs;
 const BIN: &str = env!("CARGO_BIN_EXE_ringtrain");
 
 fn ringtrain(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env("RUST_LOG", "info").output().expect("run ringtrain")
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run ringtrain")
 }
 
 fn text(out: &Output) -> (String, String) {
@@ -28,7 +32,10 @@ fn expect_bad_input(args: &[&str], needle: &str) {
     let out = ringtrain(args);
     let (_, err) = text(&out);
     assert_eq!(out.status.code(), Some(2), "args {args:?}: {err}");
-    assert!(err.contains(needle), "args {args:?}: expected {needle:?} in:\n{err}");
+    assert!(
+        err.contains(needle),
+        "args {args:?}: expected {needle:?} in:\n{err}"
+    );
 }
 
 #[test]
@@ -59,14 +66,26 @@ fn a_malformed_idx_file_is_named() {
         write(&data, name, "\0\0\x08\x02garbage");
     }
     let spec = format!("mnist:{}", data.display());
-    let args = ["--hosts", hosts.to_str().unwrap(), "--rank", "0", "--data", &spec];
+    let args = [
+        "--hosts",
+        hosts.to_str().unwrap(),
+        "--rank",
+        "0",
+        "--data",
+        &spec,
+    ];
     expect_bad_input(&args, "train-images-idx3-ubyte");
 }
 
 /// Starts rank `rank` of the hosts file with extra flags, output captured.
 fn spawn_rank(hosts: &Path, rank: usize, extra: &[&str]) -> Child {
     Command::new(BIN)
-        .args(["--hosts", hosts.to_str().unwrap(), "--rank", &rank.to_string()])
+        .args([
+            "--hosts",
+            hosts.to_str().unwrap(),
+            "--rank",
+            &rank.to_string(),
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -94,14 +113,25 @@ fn wait_within(mut child: Child, limit: Duration) -> (Output, Duration) {
 fn ranks_with_different_flags_stop_with_the_differing_fields() {
     let dir = tempfile::tempdir().unwrap();
     let hosts = hosts_file(dir.path(), 2);
-    let a = spawn_rank(&hosts, 0, &["--batch-size", "32", "--connect-timeout", "20"]);
-    let b = spawn_rank(&hosts, 1, &["--batch-size", "16", "--connect-timeout", "20"]);
+    let a = spawn_rank(
+        &hosts,
+        0,
+        &["--batch-size", "32", "--connect-timeout", "20"],
+    );
+    let b = spawn_rank(
+        &hosts,
+        1,
+        &["--batch-size", "16", "--connect-timeout", "20"],
+    );
     for (rank, child, ours, theirs) in [(0, a, 32, 16), (1, b, 16, 32)] {
         let (out, took) = wait_within(child, Duration::from_secs(30));
         let (_, err) = text(&out);
         assert_eq!(out.status.code(), Some(2), "rank {rank}: {err}");
         let want = format!("batch_size: here {ours}, there {theirs}");
-        assert!(err.contains(&want), "rank {rank}: expected {want:?} in\n{err}");
+        assert!(
+            err.contains(&want),
+            "rank {rank}: expected {want:?} in\n{err}"
+        );
         assert!(took < Duration::from_secs(15), "rank {rank} took {took:?}");
     }
 }
@@ -122,18 +152,34 @@ fn launch_three_ranks_end_to_end() {
                 .trim()
         })
         .collect();
-    assert!(digests.iter().all(|d| d == &digests[0] && d.len() == 64), "{digests:?}");
-    assert!(stdout.contains("[rank 0] summary: 3 ranks, 30 steps"), "{stdout}");
-    assert!(stderr.contains("[rank 0]") && stderr.contains("progress"), "{stderr}");
+    assert!(
+        digests.iter().all(|d| d == &digests[0] && d.len() == 64),
+        "{digests:?}"
+    );
+    assert!(
+        stdout.contains("[rank 0] summary: 3 ranks, 30 steps"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("[rank 0]") && stderr.contains("progress"),
+        "{stderr}"
+    );
 
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
     assert_eq!(json["world_size"], 3);
     assert_eq!(json["mode"], "ring");
     assert_eq!(json["steps"], 30);
     assert_eq!(json["param_digest"], digests[0]);
-    for key in ["samples_per_sec", "final_loss", "test_accuracy", "allreduce_ms_p50",
-        "allreduce_ms_p99", "bytes_sent_per_step", "batch_size"]
-    {
+    for key in [
+        "samples_per_sec",
+        "final_loss",
+        "test_accuracy",
+        "allreduce_ms_p50",
+        "allreduce_ms_p99",
+        "bytes_sent_per_step",
+        "batch_size",
+    ] {
         assert!(json[key].is_number(), "{key} missing in {json}");
     }
 }
@@ -153,22 +199,44 @@ fn launch_stops_everyone_when_a_rank_fails() {
 fn a_killed_rank_is_named_by_the_survivors_within_the_peer_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let hosts = hosts_file(dir.path(), 3);
-    let flags = ["--steps", "100000", "--peer-timeout", "2", "--connect-timeout", "20"];
+    let flags = [
+        "--steps",
+        "100000",
+        "--peer-timeout",
+        "2",
+        "--connect-timeout",
+        "20",
+    ];
     let mut children: Vec<Child> = (0..3).map(|r| spawn_rank(&hosts, r, &flags)).collect();
     // Let the ring form and train a little, then kill rank 1 the hard way.
     std::thread::sleep(Duration::from_secs(3));
-    let victim_addr = std::fs::read_to_string(&hosts).unwrap().lines().nth(1).unwrap().to_string();
+    let victim_addr = std::fs::read_to_string(&hosts)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
     children[1].kill().unwrap();
     let killed_at = Instant::now();
     let _ = children[1].wait();
-    let survivors: Vec<Child> = children.into_iter().enumerate().filter(|(r, _)| *r != 1)
-        .map(|(_, c)| c).collect();
+    let survivors: Vec<Child> = children
+        .into_iter()
+        .enumerate()
+        .filter(|(r, _)| *r != 1)
+        .map(|(_, c)| c)
+        .collect();
     for child in survivors {
         let (out, _) = wait_within(child, Duration::from_secs(20));
         let took = killed_at.elapsed();
         let (_, err) = text(&out);
         assert_eq!(out.status.code(), Some(3), "survivor exit code:\n{err}");
-        assert!(err.contains("rank 1") || err.contains(&victim_addr), "{err}");
-        assert!(took < Duration::from_secs(12), "survivor took {took:?} to stop");
+        assert!(
+            err.contains("rank 1") || err.contains(&victim_addr),
+            "{err}"
+        );
+        assert!(
+            took < Duration::from_secs(12),
+            "survivor took {took:?} to stop"
+        );
     }
 }

@@ -19,9 +19,16 @@ fn opts(segment: usize) -> TransportOptions {
 }
 
 fn hello(rank: usize, world: usize, fields: &[(&str, &str)]) -> Hello {
-    let fingerprint: BTreeMap<String, String> =
-        fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    Hello { protocol: PROTOCOL_VERSION, rank, world, fingerprint }
+    let fingerprint: BTreeMap<String, String> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        rank,
+        world,
+        fingerprint,
+    }
 }
 
 /// Runs `f` on every rank of a fresh loopback ring, one thread per rank.
@@ -35,7 +42,10 @@ fn on_ring<T: Send + 'static>(
         .map(|r| {
             let (addrs, f) = (addrs.clone(), f.clone());
             std::thread::spawn(move || {
-                let place = RingPlace { rank: Rank(r), addrs };
+                let place = RingPlace {
+                    rank: Rank(r),
+                    addrs,
+                };
                 let mut comm = CommHandle::connect(place, hello(r, n, &[]), opts(segment))
                     .unwrap_or_else(|e| panic!("rank {r} could not join the ring: {e}"));
                 let out = f(r, &mut comm);
@@ -44,7 +54,10 @@ fn on_ring<T: Send + 'static>(
             })
         })
         .collect();
-    threads.into_iter().map(|t| t.join().expect("rank thread")).collect()
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("rank thread"))
+        .collect()
 }
 
 #[test]
@@ -59,21 +72,28 @@ fn allreduce_over_quic_is_bit_identical_and_matches_f64() {
                     (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
                 })
                 .collect();
-            let reference: Vec<f64> =
-                (0..len).map(|i| inputs.iter().map(|v| f64::from(v[i])).sum()).collect();
+            let reference: Vec<f64> = (0..len)
+                .map(|i| inputs.iter().map(|v| f64::from(v[i])).sum())
+                .collect();
             let shared = std::sync::Arc::new(inputs);
             let results = on_ring(n, segment, move |r, comm| {
                 comm.allreduce_sum(shared[r].clone()).expect("allreduce")
             });
             for (r, res) in results.iter().enumerate() {
-                let same = res.iter().zip(&results[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = res
+                    .iter()
+                    .zip(&results[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "n={n} len={len}: rank {r} differs from rank 0");
             }
             for (i, (got, want)) in results[0].iter().zip(&reference).enumerate() {
                 let err = (f64::from(*got) - want).abs();
                 // Relative to the sum of magnitudes, which bounds cancellation.
                 let scale: f64 = shared_abs_sum(&results, i).max(want.abs()).max(1e-30);
-                assert!(err <= 1e-5 * scale, "n={n} len={len} [{i}]: {got} vs {want}");
+                assert!(
+                    err <= 1e-5 * scale,
+                    "n={n} len={len} [{i}]: {got} vs {want}"
+                );
             }
         }
     }
@@ -118,15 +138,33 @@ fn config_mismatch_lists_each_field_with_both_values() {
             std::thread::spawn(move || {
                 let batch = if r == 0 { "32" } else { "64" };
                 let h = hello(r, 2, &[("batch_size", batch), ("seed", "1")]);
-                let place = RingPlace { rank: Rank(r), addrs };
-                CommHandle::connect(place, h, opts(64)).map(|_| ()).unwrap_err().to_string()
+                let place = RingPlace {
+                    rank: Rank(r),
+                    addrs,
+                };
+                CommHandle::connect(place, h, opts(64))
+                    .map(|_| ())
+                    .unwrap_err()
+                    .to_string()
             })
         })
         .collect();
     let msgs: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert!(msgs[0].contains("batch_size: here 32, there 64"), "{}", msgs[0]);
-    assert!(msgs[1].contains("batch_size: here 64, there 32"), "{}", msgs[1]);
-    assert!(!msgs[0].contains("seed"), "only differing fields are listed: {}", msgs[0]);
+    assert!(
+        msgs[0].contains("batch_size: here 32, there 64"),
+        "{}",
+        msgs[0]
+    );
+    assert!(
+        msgs[1].contains("batch_size: here 64, there 32"),
+        "{}",
+        msgs[1]
+    );
+    assert!(
+        !msgs[0].contains("seed"),
+        "only differing fields are listed: {}",
+        msgs[0]
+    );
 }
 
 #[test]
@@ -139,15 +177,32 @@ fn a_peer_claiming_the_wrong_rank_is_refused() {
     let impostor = {
         let (addrs, o) = (addrs.clone(), short.clone());
         std::thread::spawn(move || {
-            let place = RingPlace { rank: Rank(0), addrs };
-            CommHandle::connect(place, hello(2, 3, &[]), o).map(|_| ()).unwrap_err().to_string()
+            let place = RingPlace {
+                rank: Rank(0),
+                addrs,
+            };
+            CommHandle::connect(place, hello(2, 3, &[]), o)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
         })
     };
-    let place = RingPlace { rank: Rank(1), addrs };
-    let err = CommHandle::connect(place, hello(1, 3, &[]), short).map(|_| ()).unwrap_err();
+    let place = RingPlace {
+        rank: Rank(1),
+        addrs,
+    };
+    let err = CommHandle::connect(place, hello(1, 3, &[]), short)
+        .map(|_| ())
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("within 3 s"), "rank 1 must time out, not accept: {msg}");
+    assert!(
+        msg.contains("within 3 s"),
+        "rank 1 must time out, not accept: {msg}"
+    );
     let other = impostor.join().unwrap();
     assert!(other.contains("refused the connection"), "{other}");
-    assert!(other.contains("accepts only rank 0 of 3, not rank 2 of 3"), "{other}");
+    assert!(
+        other.contains("accepts only rank 0 of 3, not rank 2 of 3"),
+        "{other}"
+    );
 }

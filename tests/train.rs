@@ -28,16 +28,31 @@ fn run_ranks(n: usize, cfg: &TrainConfig) -> Vec<Trained> {
     let threads: Vec<_> = (0..n)
         .map(|r| {
             let (cfg, addrs) = (cfg.clone(), addrs.clone());
-            std::thread::spawn(move || train::run(&cfg, RingPlace { rank: Rank(r), addrs }))
+            std::thread::spawn(move || {
+                train::run(
+                    &cfg,
+                    RingPlace {
+                        rank: Rank(r),
+                        addrs,
+                    },
+                )
+            })
         })
         .collect();
     let results = threads.into_iter().map(|t| t.join().expect("rank thread"));
-    results.enumerate().map(|(r, res)| res.unwrap_or_else(|e| panic!("rank {r}: {e}"))).collect()
+    results
+        .enumerate()
+        .map(|(r, res)| res.unwrap_or_else(|e| panic!("rank {r}: {e}")))
+        .collect()
 }
 
 fn assert_bit_identical(runs: &[Trained]) {
     for (r, t) in runs.iter().enumerate() {
-        let same = t.params.iter().zip(&runs[0].params).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = t
+            .params
+            .iter()
+            .zip(&runs[0].params)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "rank {r}'s parameters differ from rank 0's");
         assert_eq!(t.summary.param_digest, runs[0].summary.param_digest);
     }
@@ -56,12 +71,23 @@ fn n_ranks_with_batch_b_match_one_process_with_batch_n_times_b() {
     for (i, (a, s)) in ring[0].params.iter().zip(&single[0].params).enumerate() {
         let err = (a - s).abs();
         worst = worst.max(err);
-        assert!(err <= 1e-5 + 1e-4 * s.abs(), "param {i}: ring {a} vs single {s}");
+        assert!(
+            err <= 1e-5 + 1e-4 * s.abs(),
+            "param {i}: ring {a} vs single {s}"
+        );
     }
     // The runs must actually have moved the parameters, or the comparison proves nothing.
     let init = run_ranks(1, &small(n * b, 0));
-    let moved = init[0].params.iter().zip(&single[0].params).filter(|(a, b)| a != b).count();
-    assert!(moved > single[0].params.len() / 2, "only {moved} parameters changed");
+    let moved = init[0]
+        .params
+        .iter()
+        .zip(&single[0].params)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        moved > single[0].params.len() / 2,
+        "only {moved} parameters changed"
+    );
     println!("largest difference ring vs single process: {worst:e}");
 }
 
@@ -72,7 +98,11 @@ fn adam_ranks_stay_bit_identical_and_learn() {
     let runs = run_ranks(2, &cfg);
     assert_bit_identical(&runs);
     let s = &runs[0].summary;
-    assert!(s.test_accuracy > 0.6, "accuracy {} after 60 Adam steps", s.test_accuracy);
+    assert!(
+        s.test_accuracy > 0.6,
+        "accuracy {} after 60 Adam steps",
+        s.test_accuracy
+    );
     assert_eq!((s.world_size, s.steps, s.mode.as_str()), (2, 60, "ring"));
     assert!(s.bytes_sent_per_step > 0.0 && s.allreduce_ms_p99 >= s.allreduce_ms_p50);
 }
@@ -87,7 +117,11 @@ fn write_quadrants(dir: &Path, gzip: bool) {
                 let (row, col) = (p / 4, p % 4);
                 let quadrant = (row / 2) * 2 + col / 2;
                 let noise = ((i * 31 + p * 17 + salt) % 60) as u8;
-                images.push(if quadrant == label { 180 + noise } else { noise });
+                images.push(if quadrant == label {
+                    180 + noise
+                } else {
+                    noise
+                });
             }
             labels.push(label as u8);
         }
