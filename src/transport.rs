@@ -292,7 +292,7 @@ fn lost(peer: &Peer, e: impl std::fmt::Display) -> CommError {
 ///
 /// TODO(issue 6, authentication): peers are encrypted but not authenticated yet; the
 /// client accepts any certificate.
-fn endpoint(
+pub fn endpoint(
     rank: Rank,
     addr: SocketAddr,
     opts: &TransportOptions,
