@@ -109,6 +109,18 @@ pub struct TrainOpts {
     /// Write the run's summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub metrics_out: Option<PathBuf>,
+    /// Directory where rank 0 writes checkpoints (all ranks read it with --resume).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every K steps and at the end (0: never).
+    #[arg(long, default_value_t = 100, value_name = "K")]
+    pub checkpoint_every: u64,
+    /// Keep the newest M checkpoints, delete older ones.
+    #[arg(long, default_value_t = 3, value_name = "M")]
+    pub keep_checkpoints: usize,
+    /// Start from the newest intact checkpoint in --checkpoint-dir (from step 0 if none).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 impl TrainOpts {
@@ -137,6 +149,10 @@ impl TrainOpts {
             peer_timeout: secs("peer-timeout", self.peer_timeout)?,
             segment: self.segment,
             metrics_out: self.metrics_out.clone(),
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            checkpoint_every: self.checkpoint_every,
+            keep_checkpoints: self.keep_checkpoints,
+            resume: self.resume,
         })
     }
 
@@ -165,6 +181,15 @@ impl TrainOpts {
         flag("connect-timeout", self.connect_timeout.to_string());
         flag("peer-timeout", self.peer_timeout.to_string());
         flag("segment", self.segment.to_string());
+        flag("checkpoint-every", self.checkpoint_every.to_string());
+        flag("keep-checkpoints", self.keep_checkpoints.to_string());
+        if let Some(dir) = &self.checkpoint_dir {
+            a.push("--checkpoint-dir".into());
+            a.push(dir.clone().into_os_string());
+        }
+        if self.resume {
+            a.push("--resume".into());
+        }
         if let Some(p) = &self.metrics_out {
             a.push("--metrics-out".into());
             a.push(p.clone().into_os_string());

@@ -24,11 +24,14 @@
 //! - [`frame`]: the wire format of one segment;
 //! - [`collective`]: drives the schedule over any pair of links; in-memory links for tests;
 //! - [`transport`]: quinn endpoints, TLS, the handshake, QUIC links between neighbours;
+//! - [`auth`]: the cluster credential (who may join) and the TLS settings built from it;
 //! - [`model`], [`optim`], [`data`]: the MLP over one flat buffer, SGD and Adam, datasets
 //!   and per-rank sharding;
 //! - [`train`]: the step loop of one rank; [`hosts`]: the hosts file;
 //! - [`launch`]: a whole cluster of processes on one machine; [`cli`]: the flags.
 
+pub mod auth;
+pub mod checkpoint;
 pub mod cli;
 pub mod collective;
 pub mod data;

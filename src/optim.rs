@@ -251,6 +251,46 @@ impl Optimizer {
         &self.cfg
     }
 
+    /// Puts back a state saved with [`state`](Self::state): the step count and each named
+    /// buffer. Afterwards the optimizer continues bit for bit as the saved one would have.
+    pub fn restore(&mut self, steps: u64, buffers: &[(String, Vec<f32>)]) -> Result<(), String> {
+        let wanted: Vec<&str> = self.state().1.iter().map(|(name, _)| *name).collect();
+        let given: Vec<&str> = buffers.iter().map(|(name, _)| name.as_str()).collect();
+        if wanted != given {
+            return Err(format!(
+                "optimizer state holds {given:?}, this optimizer needs {wanted:?}"
+            ));
+        }
+        if let Some((name, b)) = buffers.iter().find(|(_, b)| b.len() != self.len) {
+            return Err(format!(
+                "buffer {name} has {} values, expected {}",
+                b.len(),
+                self.len
+            ));
+        }
+        let take = |name: &str| {
+            let found = buffers.iter().find(|(n, _)| n == name);
+            found
+                .map(|(_, b)| b.clone())
+                .expect("names were checked above")
+        };
+        match &mut self.state {
+            State::Sgd { velocity: None } => {}
+            State::Sgd { velocity: Some(v) } => *v = take("momentum"),
+            State::Adam(a) => {
+                (a.m, a.v) = (take("exp_avg"), take("exp_avg_sq"));
+                // Replay the running products exactly as `step` built them.
+                (a.beta1_pow, a.beta2_pow) = (1.0, 1.0);
+                for _ in 0..steps {
+                    a.beta1_pow *= f64::from(self.cfg.beta1);
+                    a.beta2_pow *= f64::from(self.cfg.beta2);
+                }
+            }
+        }
+        self.steps = steps;
+        Ok(())
+    }
+
     /// The number of steps taken, and the state buffers by name: `momentum` for SGD with
     /// non-zero momentum (none otherwise), `exp_avg` and `exp_avg_sq` (Adam's `m` and `v`)
     /// for Adam. Adam's `beta^t` products follow from the step count.

@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tracing::{debug, info};
 
+use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::collective::CommError;
 use crate::data::{DataError, DataSpec, Dataset, Sampler};
 use crate::hosts::{Hosts, HostsError};
@@ -52,6 +53,14 @@ pub struct TrainConfig {
     pub segment: usize,
     /// Where the summary JSON goes, if anywhere.
     pub metrics_out: Option<PathBuf>,
+    /// Where rank 0 writes checkpoints (and where `resume` looks), if anywhere.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every this many steps (0: never).
+    pub checkpoint_every: u64,
+    /// How many checkpoints to keep.
+    pub keep_checkpoints: usize,
+    /// Start from the newest intact checkpoint in `checkpoint_dir`, if there is one.
+    pub resume: bool,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +79,10 @@ impl Default for TrainConfig {
             peer_timeout: Duration::from_secs(10),
             segment: crate::collective::DEFAULT_SEGMENT,
             metrics_out: None,
+            checkpoint_dir: None,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            resume: false,
         }
     }
 }
@@ -93,6 +106,9 @@ pub enum TrainError {
     /// A collective failed during training.
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// A checkpoint could not be written or used.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// The summary could not be written.
     #[error("cannot write the summary to {path}: {source}")]
     Metrics {
@@ -110,6 +126,8 @@ impl TrainError {
     pub fn exit_code(&self) -> i32 {
         match self {
             TrainError::Hosts(_) | TrainError::Data(_) | TrainError::Config(_) => 2,
+            TrainError::Checkpoint(CheckpointError::Incompatible { .. }) => 2,
+            TrainError::Checkpoint(_) => 1,
             TrainError::Transport(TransportError::Mismatch { .. })
             | TrainError::Transport(TransportError::WrongPeer { .. })
             | TrainError::Transport(TransportError::Bind { .. }) => 2,
@@ -194,6 +212,18 @@ pub fn run_from_hosts(
 
 /// Everything that must agree across ranks, by name, for the handshake.
 pub fn fingerprint(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<String, String> {
+    let mut f = run_identity(cfg, model, data);
+    f.insert("epochs".into(), cfg.epochs.to_string());
+    f.insert("steps".into(), format!("{:?}", cfg.steps));
+    f.insert("check_every".into(), cfg.check_every.to_string());
+    f.insert("segment".into(), cfg.segment.to_string());
+    f
+}
+
+/// The settings a checkpoint must share with the run that resumes from it: those that
+/// decide the parameters, the optimizer state and the data order. (The world size is in
+/// the handshake and is added by the caller where it matters.)
+pub fn run_identity(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<String, String> {
     let mut f = BTreeMap::new();
     let mut put = |k: &str, v: String| {
         f.insert(k.to_string(), v);
@@ -212,10 +242,6 @@ pub fn fingerprint(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<S
         ),
     );
     put("seed", cfg.seed.to_string());
-    put("epochs", cfg.epochs.to_string());
-    put("steps", format!("{:?}", cfg.steps));
-    put("check_every", cfg.check_every.to_string());
-    put("segment", cfg.segment.to_string());
     f
 }
 
@@ -239,11 +265,27 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
     }
     info!(rank = rank.0, world, params = params.len(), dataset = %data.name, "replica built");
 
+    let mut identity = run_identity(cfg, &model, &data);
+    identity.insert("world_size".into(), world.to_string());
+    let resumed = if cfg.resume {
+        load_checkpoint(cfg, &identity)?
+    } else {
+        None
+    };
+    let mut fingerprint = fingerprint(cfg, &model, &data);
+    let from = resumed.as_ref().map_or("the beginning".into(), |ck| {
+        format!(
+            "checkpoint at step {} (digest {})",
+            ck.header.step,
+            ck.digest()
+        )
+    });
+    fingerprint.insert("start".into(), from);
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         rank: rank.0,
         world,
-        fingerprint: fingerprint(cfg, &model, &data),
+        fingerprint,
     };
     let opts = TransportOptions {
         connect_timeout: cfg.connect_timeout,
@@ -255,8 +297,20 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
 
     // Every rank built the same initial parameters from the seed; broadcasting rank 0's
     // makes "the same" exact even if some platform computed an init differently.
+    let mut optimizer = Optimizer::new(cfg.optim.clone(), params.len());
+    let mut start = 0;
+    if let Some(ck) = &resumed {
+        params.copy_from_slice(ck.params());
+        optimizer
+            .restore(ck.header.optimizer_steps, &ck.buffers[1..])
+            .map_err(|e| TrainError::Config(format!("cannot resume: {e}")))?;
+        start = ck.header.step;
+        info!(step = start, "resuming from a checkpoint");
+    }
     params = comm.broadcast(params)?;
-    let result = Loop::new(cfg, &model, &data, sampler, rank, world).run(&mut comm, params);
+    let mut run = Loop::new(cfg, &model, &data, sampler, rank, world);
+    run.identity = identity;
+    let result = run.run(&mut comm, params, optimizer, start);
     match result {
         Ok(trained) => {
             comm.finish();
@@ -274,6 +328,25 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
             Err(e)
         }
     }
+}
+
+/// The newest intact checkpoint in the checkpoint directory, checked against this run.
+fn load_checkpoint(
+    cfg: &TrainConfig,
+    identity: &BTreeMap<String, String>,
+) -> Result<Option<Checkpoint>, TrainError> {
+    let Some(dir) = &cfg.checkpoint_dir else {
+        return Err(TrainError::Config(
+            "--resume needs --checkpoint-dir DIR".into(),
+        ));
+    };
+    let Some((path, ck)) = checkpoint::newest_valid(dir)? else {
+        tracing::warn!(dir = %dir.display(), "no checkpoint to resume from; starting at step 0");
+        return Ok(None);
+    };
+    checkpoint::check_compatible(&path, &ck, identity)?;
+    info!(path = %path.display(), step = ck.header.step, "loaded checkpoint");
+    Ok(Some(ck))
 }
 
 fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
@@ -319,6 +392,8 @@ struct Loop<'a> {
     world: usize,
     hist: Histogram<u64>,
     comm_time: Duration,
+    /// Written into checkpoints so a resume can check it.
+    identity: BTreeMap<String, String>,
 }
 
 impl<'a> Loop<'a> {
@@ -340,6 +415,7 @@ impl<'a> Loop<'a> {
             world,
             hist,
             comm_time: Duration::ZERO,
+            identity: BTreeMap::new(),
         }
     }
 
@@ -348,9 +424,14 @@ impl<'a> Loop<'a> {
         self.cfg.steps.unwrap_or(self.cfg.epochs * per_epoch)
     }
 
-    fn run(mut self, comm: &mut CommHandle, mut params: Vec<f32>) -> Result<Trained, TrainError> {
+    fn run(
+        mut self,
+        comm: &mut CommHandle,
+        mut params: Vec<f32>,
+        mut optimizer: Optimizer,
+        first: u64,
+    ) -> Result<Trained, TrainError> {
         let (b, features, p) = (self.cfg.batch_size, self.data.features, params.len());
-        let mut optimizer = Optimizer::new(self.cfg.optim.clone(), p);
         let mut ws = Workspace::new();
         let (mut x, mut y) = (vec![0f32; b * features], vec![0u32; b]);
         // The gradient buffer carries this rank's loss in its last slot, so one all-reduce
@@ -361,9 +442,9 @@ impl<'a> Loop<'a> {
         let scale = 1.0 / self.world as f32;
         let mut window = LossWindow::default();
         let start = Instant::now();
-        let mut last_log = (Instant::now(), 0u64, Duration::ZERO);
+        let mut last_log = (Instant::now(), first, Duration::ZERO);
 
-        for step in 0..total {
+        for step in first..total {
             let (epoch, in_epoch) = (step / per_epoch, (step % per_epoch) as usize);
             let idx = self.sampler.batch(epoch, in_epoch);
             self.data.gather_train(idx, &mut x, &mut y);
@@ -390,12 +471,49 @@ impl<'a> Loop<'a> {
             if done % self.cfg.log_every == 0 || done == total {
                 self.log_progress(done, epoch, &mut window, &mut last_log);
             }
+            if self.rank.0 == 0 && self.checkpoint_due(done, total) {
+                self.save(done, per_epoch, &params, &optimizer)?;
+            }
         }
         let train_time = start.elapsed();
         comm.check_same(param_digest(&params).as_bytes())?;
         let sent = comm.bytes_sent();
-        let summary = self.summary(total, train_time, window.last_mean, &params, sent);
+        let ran = total.saturating_sub(first);
+        let summary = self.summary(ran, train_time, window.last_mean, &params, sent);
         Ok(Trained { summary, params })
+    }
+
+    fn checkpoint_due(&self, done: u64, total: u64) -> bool {
+        let every = self.cfg.checkpoint_every;
+        self.cfg.checkpoint_dir.is_some() && every > 0 && (done % every == 0 || done == total)
+    }
+
+    fn save(
+        &self,
+        done: u64,
+        per_epoch: u64,
+        params: &[f32],
+        opt: &Optimizer,
+    ) -> Result<(), TrainError> {
+        let dir = self
+            .cfg
+            .checkpoint_dir
+            .as_ref()
+            .expect("checked by checkpoint_due");
+        let (optimizer_steps, state) = opt.state();
+        let mut buffers = vec![("params".to_string(), params.to_vec())];
+        buffers.extend(state.iter().map(|(name, b)| (name.to_string(), b.to_vec())));
+        let header = checkpoint::Header {
+            step: done,
+            epoch: done / per_epoch,
+            position: done % per_epoch,
+            optimizer_steps,
+            fingerprint: self.identity.clone(),
+            buffers: buffers.iter().map(|(n, b)| (n.clone(), b.len())).collect(),
+        };
+        let ck = Checkpoint { header, buffers };
+        checkpoint::write(dir, &ck, self.cfg.keep_checkpoints)?;
+        Ok(())
     }
 
     fn log_progress(

@@ -146,3 +146,65 @@ fn trains_on_idx_files_raw_and_gzip() {
         assert!(acc >= 0.9, "quadrant task accuracy {acc} (gzip {gzip})");
     }
 }
+
+#[test]
+fn a_run_stopped_and_resumed_matches_the_uninterrupted_run_bit_for_bit() {
+    // Adam, so the optimizer's moments and step count must come back exactly too.
+    let mut cfg = small(8, 30);
+    cfg.optim = OptimConfig::adam(0.01);
+    let straight = run_ranks(3, &cfg);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = cfg.clone();
+    first.steps = Some(20);
+    first.checkpoint_dir = Some(dir.path().to_path_buf());
+    first.checkpoint_every = 10;
+    run_ranks(3, &first);
+    let mut resumed = first.clone();
+    resumed.steps = Some(30);
+    resumed.resume = true;
+    resumed.checkpoint_every = 0;
+    let second = run_ranks(3, &resumed);
+    assert_bit_identical(&second);
+    assert_eq!(
+        second[0].summary.steps, 10,
+        "the resumed run takes only the missing steps"
+    );
+    assert_eq!(
+        second[0].summary.param_digest,
+        straight[0].summary.param_digest
+    );
+    assert_eq!(second[0].params, straight[0].params);
+
+    // Damage the newest checkpoint (step 20): the resume falls back to step 10 and, the
+    // run being deterministic, still ends on the same parameters.
+    let newest = dir.path().join(ringtrain::checkpoint::file_name(20));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+    let again = run_ranks(3, &resumed);
+    assert_eq!(again[0].summary.steps, 20, "resumed from step 10");
+    assert_eq!(
+        again[0].summary.param_digest,
+        straight[0].summary.param_digest
+    );
+}
+
+#[test]
+fn resuming_with_other_settings_is_refused_with_the_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small(8, 4);
+    cfg.checkpoint_dir = Some(dir.path().to_path_buf());
+    cfg.checkpoint_every = 2;
+    run_ranks(1, &cfg);
+    cfg.seed += 1;
+    cfg.resume = true;
+    let place = RingPlace {
+        rank: Rank(0),
+        addrs: free_local_addrs(1).unwrap(),
+    };
+    let err = train::run(&cfg, place).unwrap_err().to_string();
+    assert!(err.contains("seed: checkpoint 42, now 43"), "{err}");
+    assert!(err.contains("ckpt-0000000004.rtck"), "{err}");
+}
