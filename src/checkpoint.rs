@@ -173,7 +173,7 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
             Some((step, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 

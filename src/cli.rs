@@ -2,6 +2,8 @@
 //!
 //! `ringtrain --hosts FILE --rank N [training flags]` trains (the default command, also
 //! `ringtrain train`); `ringtrain launch --np K [training flags]` runs K ranks locally.
+//! Parameter-server mode replaces `--rank N` by `--job ps|worker --task N` with a cluster
+//! file as `--hosts`; `launch --mode ps|in-graph` runs the contrast designs locally.
 //! [`TrainOpts::to_args`] writes the training flags back out so `launch` can hand exactly
 //! the same settings to every rank.
 
@@ -13,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::data::DataSpec;
 use crate::optim::OptimizerKind;
+use crate::progress::{LogFormat, ProgressMode};
 use crate::train::{TrainConfig, optim_config};
 
 /// ringtrain: data-parallel training with a ring all-reduce over QUIC.
@@ -34,6 +37,10 @@ pub enum Command {
     Train(TrainArgs),
     /// Run a whole cluster of ranks on this machine, on 127.0.0.1.
     Launch(LaunchArgs),
+    /// Benchmarks: all-reduce bandwidth per size, training throughput per node count.
+    Bench(crate::bench::BenchArgs),
+    /// Write a new cluster key; copy it to every machine and pass it with --key.
+    Keygen(KeygenArgs),
 }
 
 /// Flags of one rank.
@@ -42,9 +49,24 @@ pub struct TrainArgs {
     /// Hosts file: one HOST:PORT per line; rank N is the N-th address.
     #[arg(long, value_name = "FILE")]
     pub hosts: Option<PathBuf>,
-    /// This process's rank, 0 .. number of addresses in the hosts file.
+    /// This process's rank, 0 .. number of addresses in the hosts file [default: from the
+    /// launcher's environment: OMPI_COMM_WORLD_RANK, PMI_RANK, RANK or SLURM_PROCID].
     #[arg(long, value_name = "N")]
     pub rank: Option<usize>,
+    /// Take the rank from the host name's ordinal (`trainer-3` is rank 3), as Kubernetes
+    /// names the pods of a StatefulSet.
+    #[arg(long, conflicts_with = "rank")]
+    pub rank_from_hostname: bool,
+    /// Parameter-server mode: this task's job, `ps` or `worker`; --hosts is then a cluster
+    /// file of `JOB HOST:PORT` lines (see `ringtrain::cluster`).
+    #[arg(long, value_name = "JOB", conflicts_with_all = ["rank", "rank_from_hostname"])]
+    pub job: Option<crate::cluster::Job>,
+    /// Parameter-server mode: this task's index within its job (0 is the job's first line).
+    #[arg(long, value_name = "N", conflicts_with_all = ["rank", "rank_from_hostname"])]
+    pub task: Option<usize>,
+    /// The configuration file and --print-config.
+    #[command(flatten)]
+    pub config: crate::config::ConfigArgs,
     /// Training settings.
     #[command(flatten)]
     pub opts: TrainOpts,
@@ -53,12 +75,41 @@ pub struct TrainArgs {
 /// Flags of `ringtrain launch`.
 #[derive(Debug, Clone, PartialEq, Args)]
 pub struct LaunchArgs {
-    /// Number of ranks to start.
+    /// Number of ranks to start (workers with --mode ps, replicas with --mode in-graph).
     #[arg(long, default_value_t = 4, value_name = "K")]
     pub np: usize,
+    /// The design to run: `ring` (all-reduce over QUIC), `ps` (parameter servers over QUIC)
+    /// or `in-graph` (K replica threads in this process, no network).
+    #[arg(long, value_enum, default_value_t = LaunchMode::Ring, value_name = "MODE")]
+    pub mode: LaunchMode,
+    /// Number of ps tasks with --mode ps [default: 1].
+    #[arg(long, value_name = "K")]
+    pub ps: Option<usize>,
+    /// The configuration file and --print-config.
+    #[command(flatten)]
+    pub config: crate::config::ConfigArgs,
     /// Training settings, passed to every rank.
     #[command(flatten)]
     pub opts: TrainOpts,
+}
+
+/// The designs `ringtrain launch` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LaunchMode {
+    /// Ring all-reduce between processes over QUIC.
+    Ring,
+    /// Parameter-server tasks and worker tasks, processes over QUIC.
+    Ps,
+    /// In-graph replication: replica threads in this process.
+    InGraph,
+}
+
+/// Flags of `ringtrain keygen`.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct KeygenArgs {
+    /// Where to write the key (mode 0600); an existing file is never overwritten.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// Training settings shared by `train` and `launch`.
@@ -109,6 +160,19 @@ pub struct TrainOpts {
     /// Write the run's summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub metrics_out: Option<PathBuf>,
+    /// Only errors and the final summary on the terminal: no progress, no info lines.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Log lines on stderr as human-readable text, or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+    /// Write a Chrome trace of every step (Perfetto, chrome://tracing): each rank writes
+    /// FILE with `.rankN` before the extension; `launch` also merges them into FILE.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+    /// Rank 0 writes the final weights to this safetensors file (weights are [in, out]).
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
     /// Directory where rank 0 writes checkpoints (all ranks read it with --resume).
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
@@ -121,6 +185,25 @@ pub struct TrainOpts {
     /// Start from the newest intact checkpoint in --checkpoint-dir (from step 0 if none).
     #[arg(long)]
     pub resume: bool,
+    /// Cluster key from `ringtrain keygen`: only processes that hold it can join the ring.
+    #[arg(long, value_name = "FILE", env = "RINGTRAIN_KEY")]
+    pub key: Option<PathBuf>,
+    /// Allow a ring without a cluster key on addresses that are not loopback: still
+    /// encrypted, but anyone who can reach the ports can join and read or change gradients.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Keep training when ranks are lost (the survivors re-form a smaller ring) and let
+    /// restarted ranks rejoin; the global batch follows the ring's size (see the README).
+    #[arg(long)]
+    pub elastic: bool,
+    /// Parameter-server mode: how variables are placed on the ps tasks, `round-robin` by
+    /// tensor or `greedy` by bytes.
+    #[arg(long, default_value = "round-robin", value_name = "STRATEGY")]
+    pub ps_strategy: crate::ps::Strategy,
+    /// Parameter-server mode: `sync` (apply the average of every worker's gradient once per
+    /// step) or `async` (apply each worker's gradient as it arrives).
+    #[arg(long, default_value = "sync", value_name = "MODE")]
+    pub ps_sync: crate::ps::SyncMode,
 }
 
 impl TrainOpts {
@@ -149,10 +232,17 @@ impl TrainOpts {
             peer_timeout: secs("peer-timeout", self.peer_timeout)?,
             segment: self.segment,
             metrics_out: self.metrics_out.clone(),
+            timeline: self.timeline.clone(),
+            save: self.save.clone(),
+            // The binary upgrades this to a bar on an interactive terminal.
+            progress: ProgressMode::Log,
             checkpoint_dir: self.checkpoint_dir.clone(),
             checkpoint_every: self.checkpoint_every,
             keep_checkpoints: self.keep_checkpoints,
             resume: self.resume,
+            key: self.key.clone(),
+            insecure: self.insecure,
+            elastic: self.elastic,
         })
     }
 
@@ -194,7 +284,37 @@ impl TrainOpts {
             a.push("--metrics-out".into());
             a.push(p.clone().into_os_string());
         }
+        if self.quiet {
+            a.push("--quiet".into());
+        }
+        a.push(format!("--log-format={}", self.log_format).into());
+        for (name, path) in [("--timeline", &self.timeline), ("--save", &self.save)] {
+            if let Some(p) = path {
+                a.push(name.into());
+                a.push(p.clone().into_os_string());
+            }
+        }
+        if let Some(k) = &self.key {
+            a.push("--key".into());
+            a.push(k.clone().into_os_string());
+        }
+        if self.insecure {
+            a.push("--insecure".into());
+        }
+        if self.elastic {
+            a.push("--elastic".into());
+        }
+        a.push(format!("--ps-strategy={}", self.ps_strategy).into());
+        a.push(format!("--ps-sync={}", self.ps_sync).into());
         a
+    }
+
+    /// The parameter-server settings of these flags.
+    pub fn ps_options(&self) -> crate::ps::PsOptions {
+        crate::ps::PsOptions {
+            sync: self.ps_sync,
+            strategy: self.ps_strategy,
+        }
     }
 }
 
@@ -269,10 +389,25 @@ mod tests {
             "mnist:/tmp/x y",
             "--metrics-out",
             "/tmp/m.json",
+            "--key",
+            "/tmp/c 1.key",
+            "--insecure",
+            "--quiet",
+            "--log-format",
+            "json",
+            "--timeline",
+            "/tmp/t.json",
+            "--save",
+            "/tmp/w.safetensors",
             "--peer-timeout",
             "2.5",
             "--seed",
             "9",
+            "--elastic",
+            "--ps-strategy",
+            "greedy",
+            "--ps-sync",
+            "async",
         ]);
         let Some(Command::Launch(launch)) = cli.command else {
             panic!("launch expected")

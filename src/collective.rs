@@ -13,6 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
@@ -20,6 +21,7 @@ use tracing::trace;
 
 use crate::frame::{self, FrameError, FrameKind, Header};
 use crate::ring::{Phase, Plan, Rank, SegmentOp, WorldSize};
+use crate::timeline::{Timeline, Track};
 
 /// Default segment size in `f32` elements (256 KiB per frame).
 pub const DEFAULT_SEGMENT: usize = 64 * 1024;
@@ -117,6 +119,7 @@ pub struct Communicator<S, R> {
     segment: usize,
     seq: u32,
     bytes_sent: u64,
+    timeline: Timeline,
 }
 
 impl<S: SendLink, R: RecvLink> Communicator<S, R> {
@@ -132,7 +135,14 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
             segment,
             seq: 0,
             bytes_sent: 0,
+            timeline: Timeline::disabled(),
         }
+    }
+
+    /// Records each all-reduce's phases, each broadcast and each wait for the previous
+    /// rank's frames on `timeline` (nothing is recorded when it is disabled, the default).
+    pub fn set_timeline(&mut self, timeline: Timeline) {
+        self.timeline = timeline;
     }
 
     /// This rank.
@@ -218,6 +228,11 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
         let progress = Notify::new();
         let bytes_sent = Cell::new(0u64);
         let (tx, rx) = (&mut self.tx, &mut self.rx);
+        let (tl, started) = (&self.timeline, self.timeline.now());
+        let phases = PhaseBytes::default();
+        let is_rs = |op: &SegmentOp| op.phase == Phase::ReduceScatter;
+        let last_rs = started.and_then(|_| plan.recvs.iter().rposition(is_rs));
+        let rs_done = Cell::new(None);
 
         let sender = async {
             for op in &plan.sends {
@@ -228,6 +243,7 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
                 // The borrow ends before the await: the receiver may write meanwhile.
                 let bytes = frame::encode_f32(header, &buf.borrow()[op.range.clone()]);
                 bytes_sent.set(bytes_sent.get() + bytes.len() as u64);
+                phases.add(op.phase, bytes.len(), 0);
                 trace!(
                     step = op.step,
                     chunk = op.chunk,
@@ -239,9 +255,16 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
             Ok::<(), CommError>(())
         };
         let receiver = async {
-            for op in &plan.recvs {
+            for (i, op) in plan.recvs.iter().enumerate() {
+                let waiting = tl.now();
                 let got = rx.recv().await?;
                 let peer = rx.peer();
+                let args = [
+                    ("from_rank", peer.rank.0 as u64),
+                    ("bytes", got.len() as u64),
+                ];
+                tl.span(Track::Wait, "wait for neighbour", waiting, &args);
+                phases.add(op.phase, 0, got.len());
                 let (h, payload) = decode(peer, &got, max_frame)?;
                 expect_header(peer, op_header(seq, op, bcast), h)?;
                 let dst = &mut buf.borrow_mut()[op.range.clone()];
@@ -255,6 +278,9 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
                     len = op.range.len(),
                     "received"
                 );
+                if Some(i) == last_rs {
+                    rs_done.set(tl.now());
+                }
                 recvs_done.set(recvs_done.get() + 1);
                 progress.notify_one();
             }
@@ -262,7 +288,56 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
         };
         let result = tokio::try_join!(sender, receiver).map(|_| ());
         self.bytes_sent += bytes_sent.get();
+        let moved = !(plan.sends.is_empty() && plan.recvs.is_empty());
+        if let Some(start) = started.filter(|_| moved) {
+            phases.record(tl, start, rs_done.get(), bcast, seq);
+        }
         result
+    }
+}
+
+/// Bytes sent and received per phase of one collective, for the timeline.
+#[derive(Debug, Default)]
+struct PhaseBytes {
+    /// `[reduce-scatter, all-gather]`, each `(sent, received)`.
+    bytes: Cell<[(u64, u64); 2]>,
+}
+
+impl PhaseBytes {
+    fn add(&self, phase: Phase, sent: usize, received: usize) {
+        let mut b = self.bytes.get();
+        let i = usize::from(phase == Phase::AllGather);
+        b[i] = (b[i].0 + sent as u64, b[i].1 + received as u64);
+        self.bytes.set(b);
+    }
+
+    /// Records `reduce-scatter` from `start` until its last segment arrived (`rs_done`)
+    /// and `all-gather` from then until now; or one `broadcast` span.
+    fn record(
+        &self,
+        tl: &Timeline,
+        start: Instant,
+        rs_done: Option<Instant>,
+        bcast: bool,
+        seq: u32,
+    ) {
+        let end = Instant::now();
+        let [rs, ag] = self.bytes.get();
+        let args = |(sent, received): (u64, u64)| {
+            [
+                ("bytes_sent", sent),
+                ("bytes_received", received),
+                ("op", u64::from(seq)),
+            ]
+        };
+        if bcast {
+            let all = (rs.0 + ag.0, rs.1 + ag.1);
+            tl.span_between(Track::Ring, "broadcast", start, end, &args(all));
+            return;
+        }
+        let mid = rs_done.unwrap_or(end);
+        tl.span_between(Track::Ring, "reduce-scatter", start, mid, &args(rs));
+        tl.span_between(Track::Ring, "all-gather", mid, end, &args(ag));
     }
 }
 

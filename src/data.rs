@@ -564,16 +564,12 @@ impl Split {
     /// Reads and checks one pair of image and label files.
     fn load(dir: &Path, images_name: &str, labels_name: &str) -> Result<Split, DataError> {
         let (images, image_bytes) = read_member(dir, images_name)?;
-        let (dims, pixels) = parse_idx(&images, &image_bytes, 3)?;
-        let (count, rows, cols) = (dims[0], dims[1], dims[2]);
-        if count == 0 || rows * cols == 0 {
-            return Err(DataError::Empty {
-                path: images,
-                count,
-                rows,
-                cols,
-            });
-        }
+        let IdxImages {
+            count,
+            rows,
+            cols,
+            pixels,
+        } = parse_idx_images(&images, &image_bytes)?;
 
         let (labels, label_bytes) = read_member(dir, labels_name)?;
         let (label_dims, raw_labels) = parse_idx(&labels, &label_bytes, 1)?;
@@ -710,6 +706,51 @@ fn check_labels(path: &Path, raw: &[u8]) -> Result<Vec<u32>, DataError> {
         }),
         None => Ok(raw.iter().map(|&l| u32::from(l)).collect()),
     }
+}
+
+/// The images of an IDX file, checked: `count` images of `rows` x `cols` bytes each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdxImages<'a> {
+    /// Number of images.
+    pub count: usize,
+    /// Rows per image.
+    pub rows: usize,
+    /// Columns per image.
+    pub cols: usize,
+    /// The pixels, row-major, `rows * cols` per image.
+    pub pixels: &'a [u8],
+}
+
+/// Checks the bytes of an IDX image file (after any gzip decompression) as the MNIST
+/// loader does: magic number, header, exact length, at least one image of at least one
+/// pixel. `path` only names the file in errors. Nothing is allocated from the header's
+/// dimensions: they are compared with the length of `bytes`.
+pub fn parse_idx_images<'a>(path: &Path, bytes: &'a [u8]) -> Result<IdxImages<'a>, DataError> {
+    let (dims, pixels) = parse_idx(path, bytes, 3)?;
+    let (count, rows, cols) = (dims[0], dims[1], dims[2]);
+    if count == 0 || rows * cols == 0 {
+        let path = path.to_path_buf();
+        return Err(DataError::Empty {
+            path,
+            count,
+            rows,
+            cols,
+        });
+    }
+    Ok(IdxImages {
+        count,
+        rows,
+        cols,
+        pixels,
+    })
+}
+
+/// Checks the bytes of an IDX label file (after any gzip decompression) as the MNIST
+/// loader does, and returns the labels, each below [`IDX_CLASSES`]. `path` only names the
+/// file in errors.
+pub fn parse_idx_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u32>, DataError> {
+    let (_, raw) = parse_idx(path, bytes, 1)?;
+    check_labels(path, raw)
 }
 
 /// Test helper: writes the four IDX files of a small dataset into `dir`, gzipped (with

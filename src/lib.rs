@@ -28,18 +28,37 @@
 //! - [`model`], [`optim`], [`data`]: the MLP over one flat buffer, SGD and Adam, datasets
 //!   and per-rank sharding;
 //! - [`train`]: the step loop of one rank; [`hosts`]: the hosts file;
-//! - [`launch`]: a whole cluster of processes on one machine; [`cli`]: the flags.
+//! - [`elastic`]: `--elastic`, a ring that shrinks when ranks are lost and grows when they
+//!   rejoin;
+//! - [`launch`]: a whole cluster of processes on one machine; [`cli`]: the flags;
+//! - [`ps`] and [`cluster`]: the parameter-server contrast (ps and worker tasks over the same
+//!   QUIC transport); [`ingraph`]: in-graph replication, K replica threads in one process;
+//! - [`config`]: `--config` files; [`launchenv`]: the rank from srun, mpirun, torchrun or a
+//!   StatefulSet's host name; [`progress`], [`timeline`], [`export`]: the progress bar,
+//!   Chrome traces (`--timeline`) and safetensors weights (`--save`).
 
 pub mod auth;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod cluster;
 pub mod collective;
+pub mod config;
 pub mod data;
+pub mod elastic;
+pub mod emulate;
+pub mod export;
 pub mod frame;
 pub mod hosts;
+pub mod ingraph;
 pub mod launch;
+pub mod launchenv;
+pub mod lossy;
 pub mod model;
 pub mod optim;
+pub mod progress;
+pub mod ps;
 pub mod ring;
+pub mod timeline;
 pub mod train;
 pub mod transport;

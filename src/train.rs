@@ -14,13 +14,16 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tracing::{debug, info};
 
+use crate::auth::{AuthError, Security};
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::collective::CommError;
 use crate::data::{DataError, DataSpec, Dataset, Sampler};
 use crate::hosts::{Hosts, HostsError};
 use crate::model::{Mlp, Workspace};
 use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+use crate::progress::Progress;
 use crate::ring::Rank;
+use crate::timeline::{Timeline, TimelineError, Track};
 use crate::transport::TransportOptions;
 use crate::transport::{CommHandle, Hello, PROTOCOL_VERSION, RingPlace, TransportError};
 
@@ -53,6 +56,12 @@ pub struct TrainConfig {
     pub segment: usize,
     /// Where the summary JSON goes, if anywhere.
     pub metrics_out: Option<PathBuf>,
+    /// Where the Chrome trace goes (each rank inserts `.rankN`, see [`crate::timeline`]).
+    pub timeline: Option<PathBuf>,
+    /// Where rank 0 saves the final weights as safetensors (see [`crate::export`]).
+    pub save: Option<PathBuf>,
+    /// How rank 0 shows progress.
+    pub progress: crate::progress::ProgressMode,
     /// Where rank 0 writes checkpoints (and where `resume` looks), if anywhere.
     pub checkpoint_dir: Option<PathBuf>,
     /// Write a checkpoint every this many steps (0: never).
@@ -61,6 +70,12 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Start from the newest intact checkpoint in `checkpoint_dir`, if there is one.
     pub resume: bool,
+    /// The cluster key file from `ringtrain keygen`, if any (see [`crate::auth`]).
+    pub key: Option<PathBuf>,
+    /// Allow an unauthenticated ring on addresses that are not loopback.
+    pub insecure: bool,
+    /// Survive lost ranks and admit rejoining ones (see [`crate::elastic`]).
+    pub elastic: bool,
 }
 
 impl Default for TrainConfig {
@@ -79,10 +94,16 @@ impl Default for TrainConfig {
             peer_timeout: Duration::from_secs(10),
             segment: crate::collective::DEFAULT_SEGMENT,
             metrics_out: None,
+            timeline: None,
+            save: None,
+            progress: crate::progress::ProgressMode::Log,
             checkpoint_dir: None,
             checkpoint_every: 100,
             keep_checkpoints: 3,
             resume: false,
+            key: None,
+            insecure: false,
+            elastic: false,
         }
     }
 }
@@ -100,6 +121,9 @@ pub enum TrainError {
     /// The flags make no sense together.
     #[error("{0}")]
     Config(String),
+    /// The cluster key is unusable, or missing where the addresses need one.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// The ring could not be formed.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -109,6 +133,15 @@ pub enum TrainError {
     /// A checkpoint could not be written or used.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// Elastic mode could not keep a ring going.
+    #[error(transparent)]
+    Elastic(#[from] crate::elastic::ElasticError),
+    /// `--save` could not write the weights.
+    #[error(transparent)]
+    Save(#[from] crate::export::ExportError),
+    /// `--timeline` could not write the trace.
+    #[error(transparent)]
+    Timeline(#[from] TimelineError),
     /// The summary could not be written.
     #[error("cannot write the summary to {path}: {source}")]
     Metrics {
@@ -120,12 +153,14 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    /// The process exit code: 2 for bad input (flags, hosts file, data, configuration that
-    /// differs between ranks), 3 for a lost or misbehaving peer, 4 for replicas that
-    /// diverged, 1 otherwise.
+    /// The process exit code: 2 for bad input (flags, hosts file, data, cluster key,
+    /// configuration or credential that differs between ranks), 3 for a lost or misbehaving
+    /// peer, 4 for replicas that diverged, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             TrainError::Hosts(_) | TrainError::Data(_) | TrainError::Config(_) => 2,
+            TrainError::Auth(_) => 2,
+            TrainError::Transport(TransportError::Untrusted { .. }) => 2,
             TrainError::Checkpoint(CheckpointError::Incompatible { .. }) => 2,
             TrainError::Checkpoint(_) => 1,
             TrainError::Transport(TransportError::Mismatch { .. })
@@ -135,6 +170,8 @@ impl TrainError {
             TrainError::Comm(CommError::Diverged(_)) => 4,
             TrainError::Comm(_) => 3,
             TrainError::Metrics { .. } => 1,
+            TrainError::Save(_) | TrainError::Timeline(_) => 1,
+            TrainError::Elastic(e) => e.exit_code(),
         }
     }
 }
@@ -144,7 +181,7 @@ impl TrainError {
 pub struct Summary {
     /// Number of ranks.
     pub world_size: usize,
-    /// Always `"ring"` for this trainer.
+    /// `"ring"`, or `"ps"` and `"in-graph"` for the designs it is compared with.
     pub mode: String,
     /// This rank.
     pub rank: usize,
@@ -172,6 +209,32 @@ pub struct Summary {
     pub train_secs: f64,
     /// blake3 of the final parameters (little-endian bytes), hex.
     pub param_digest: String,
+    /// Parameter-server mode: number of ps tasks. In that mode the all-reduce fields
+    /// measure a worker's push and pull, and `rank` is the worker's task index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ps_tasks: Option<usize>,
+    /// Parameter-server mode: `"sync"` or `"async"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ps_sync: Option<String>,
+    /// Parameter-server mode: the placement strategy, `"round-robin"` or `"greedy"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ps_strategy: Option<String>,
+    /// Parameter-server mode: parameters held by each ps task, by task index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ps_shard_params: Option<Vec<usize>>,
+    /// Parameter-server mode: bytes this worker received per step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_received_per_step: Option<f64>,
+    /// Asynchronous ps mode: median gradient staleness (ps updates between a worker's
+    /// pull and its push), over every gradient slice any ps task applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staleness_p50: Option<f64>,
+    /// Asynchronous ps mode: 99th percentile gradient staleness.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staleness_p99: Option<f64>,
+    /// Asynchronous ps mode: largest gradient staleness.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staleness_max: Option<f64>,
 }
 
 /// The digest of a parameter buffer: blake3 over its little-endian bytes.
@@ -247,7 +310,11 @@ pub fn run_identity(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<
 
 /// Runs one rank to completion.
 pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
+    if cfg.elastic {
+        return crate::elastic::run(cfg, place);
+    }
     validate(cfg)?;
+    let security = Security::resolve(cfg.key.as_deref(), cfg.insecure, &place.addrs)?;
     let rank = place.rank;
     let world = place.addrs.len();
     let data = Dataset::load(&cfg.data, cfg.seed)?;
@@ -291,8 +358,18 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
         connect_timeout: cfg.connect_timeout,
         peer_timeout: cfg.peer_timeout,
         segment: cfg.segment,
+        security,
     };
-    let mut comm = CommHandle::connect(place, hello, opts)?;
+    let timeline = match cfg.timeline {
+        Some(_) => Timeline::enabled(rank.0),
+        None => Timeline::disabled(),
+    };
+    // Learn now, not after training, that an output directory is missing.
+    let save = cfg.save.as_ref().filter(|_| rank.0 == 0);
+    for path in [save, cfg.timeline.as_ref()].into_iter().flatten() {
+        crate::export::check_destination(path)?;
+    }
+    let mut comm = CommHandle::connect_with_timeline(place, hello, opts, timeline.clone())?;
     info!(rank = rank.0, "ring formed");
 
     // Every rank built the same initial parameters from the seed; broadcasting rank 0's
@@ -310,10 +387,16 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
     params = comm.broadcast(params)?;
     let mut run = Loop::new(cfg, &model, &data, sampler, rank, world);
     run.identity = identity;
+    run.timeline = timeline.clone();
     let result = run.run(&mut comm, params, optimizer, start);
     match result {
         Ok(trained) => {
             comm.finish();
+            write_timeline(cfg, rank, &timeline)?;
+            if let (Some(path), 0) = (&cfg.save, rank.0) {
+                crate::export::save(path, &model, &trained.params)?;
+                info!(path = %path.display(), "weights saved");
+            }
             write_summary(cfg, &trained.summary)?;
             Ok(trained)
         }
@@ -321,10 +404,12 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
         // the same verdict instead of a lost connection.
         Err(e @ TrainError::Comm(CommError::Diverged(_))) => {
             comm.finish();
+            keep_timeline(cfg, rank, &timeline);
             Err(e)
         }
         Err(e) => {
             comm.abort(&format!("rank {} stopped: {e}", rank.0));
+            keep_timeline(cfg, rank, &timeline);
             Err(e)
         }
     }
@@ -349,7 +434,8 @@ fn load_checkpoint(
     Ok(Some(ck))
 }
 
-fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
+/// Checks the settings every mode needs: batch size, widths, learning rate, length, logging.
+pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     let bad = |m: &str| Err(TrainError::Config(m.to_string()));
     if cfg.batch_size == 0 {
         return bad("--batch-size must be at least 1");
@@ -369,7 +455,26 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     Ok(())
 }
 
-fn write_summary(cfg: &TrainConfig, summary: &Summary) -> Result<(), TrainError> {
+/// Writes this rank's trace to `--timeline` with `.rankN` inserted, if one was given.
+fn write_timeline(cfg: &TrainConfig, rank: Rank, timeline: &Timeline) -> Result<(), TrainError> {
+    let Some(path) = &cfg.timeline else {
+        return Ok(());
+    };
+    let path = crate::timeline::rank_path(path, rank.0);
+    timeline.write(&path)?;
+    info!(path = %path.display(), spans = timeline.len(), "timeline written");
+    Ok(())
+}
+
+/// After a failure the trace may show why; writing it must not hide the failure.
+fn keep_timeline(cfg: &TrainConfig, rank: Rank, timeline: &Timeline) {
+    if let Err(e) = write_timeline(cfg, rank, timeline) {
+        tracing::warn!("{e}");
+    }
+}
+
+/// Writes `summary` as JSON to `--metrics-out`, if one was given.
+pub fn write_summary(cfg: &TrainConfig, summary: &Summary) -> Result<(), TrainError> {
     let Some(path) = &cfg.metrics_out else {
         return Ok(());
     };
@@ -394,6 +499,8 @@ struct Loop<'a> {
     comm_time: Duration,
     /// Written into checkpoints so a resume can check it.
     identity: BTreeMap<String, String>,
+    /// Where `--timeline` spans go (disabled without it).
+    timeline: Timeline,
 }
 
 impl<'a> Loop<'a> {
@@ -416,6 +523,7 @@ impl<'a> Loop<'a> {
             hist,
             comm_time: Duration::ZERO,
             identity: BTreeMap::new(),
+            timeline: Timeline::disabled(),
         }
     }
 
@@ -443,39 +551,52 @@ impl<'a> Loop<'a> {
         let mut window = LossWindow::default();
         let start = Instant::now();
         let mut last_log = (Instant::now(), first, Duration::ZERO);
+        let progress = Progress::new(self.cfg.progress, self.rank.0, total, per_epoch);
+        progress.step(first);
+        let tl = self.timeline.clone();
 
         for step in first..total {
             let (epoch, in_epoch) = (step / per_epoch, (step % per_epoch) as usize);
             let idx = self.sampler.batch(epoch, in_epoch);
             self.data.gather_train(idx, &mut x, &mut y);
+            let t0 = tl.now();
             let (loss, _) = self
                 .model
                 .forward_backward(&params, &x, &y, &mut ws, &mut grad[..p]);
             grad[p] = loss;
+            tl.span(Track::Train, "forward/backward", t0, &[("step", step + 1)]);
 
             let t = Instant::now();
             grad = comm.allreduce_sum(grad)?;
             let took = t.elapsed();
             self.comm_time += took;
             let _ = self.hist.record(took.as_micros().max(1) as u64);
+            let args = [("step", step + 1)];
+            tl.span_between(Track::Train, "all-reduce", t, t + took, &args);
 
+            let t1 = tl.now();
             grad.iter_mut().for_each(|g| *g *= scale);
             optimizer.step(&mut params, &grad[..p]);
+            tl.span(Track::Train, "optimizer", t1, &[("step", step + 1)]);
             window.push(f64::from(grad[p]));
 
             let done = step + 1;
             if self.cfg.check_every > 0 && done % self.cfg.check_every == 0 {
+                let t2 = tl.now();
                 comm.check_same(param_digest(&params).as_bytes())?;
+                tl.span(Track::Train, "digest check", t2, &[("step", done)]);
                 debug!(rank = self.rank.0, step = done, "parameter digests agree");
             }
+            progress.step(done);
             if done % self.cfg.log_every == 0 || done == total {
-                self.log_progress(done, epoch, &mut window, &mut last_log);
+                self.log_progress(done, epoch, &mut window, &mut last_log, &progress);
             }
             if self.rank.0 == 0 && self.checkpoint_due(done, total) {
                 self.save(done, per_epoch, &params, &optimizer)?;
             }
         }
         let train_time = start.elapsed();
+        progress.finish();
         comm.check_same(param_digest(&params).as_bytes())?;
         let sent = comm.bytes_sent();
         let ran = total.saturating_sub(first);
@@ -522,13 +643,15 @@ impl<'a> Loop<'a> {
         epoch: u64,
         window: &mut LossWindow,
         last: &mut (Instant, u64, Duration),
+        progress: &Progress,
     ) {
         let loss = window.close();
         let secs = last.0.elapsed().as_secs_f64().max(1e-9);
         let samples = (done - last.1) as f64 * (self.cfg.batch_size * self.world) as f64;
         let comm_share = (self.comm_time - last.2).as_secs_f64() / secs;
         *last = (Instant::now(), done, self.comm_time);
-        if self.rank.0 == 0 {
+        progress.window(loss, samples / secs);
+        if self.rank.0 == 0 && !progress.is_bar() {
             info!(
                 step = done,
                 epoch,
@@ -563,6 +686,14 @@ impl<'a> Loop<'a> {
             params: params.len(),
             train_secs: secs,
             param_digest: param_digest(params).to_hex().to_string(),
+            ps_tasks: None,
+            ps_sync: None,
+            ps_strategy: None,
+            ps_shard_params: None,
+            bytes_received_per_step: None,
+            staleness_p50: None,
+            staleness_p99: None,
+            staleness_max: None,
         }
     }
 }

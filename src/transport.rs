@@ -9,6 +9,12 @@
 //! previous one. Each frame travels as a little-endian `u32` length and the frame bytes;
 //! a length above the agreed maximum is refused before anything is allocated for it.
 //!
+//! Who may connect is set by [`TransportOptions::security`] (see [`crate::auth`]): with a
+//! cluster credential, both ends of every connection prove in the TLS 1.3 handshake that
+//! they hold it, before a byte of the hello is read; a failed handshake is never retried
+//! towards the next rank, and only logged from others. Once both neighbours are connected
+//! the endpoint refuses every further connection attempt outright.
+//!
 //! Liveness is the transport's job: QUIC keep-alives are sent every third of the peer
 //! timeout by quinn's own driver, so a rank busy computing is never declared dead, while a
 //! rank that stops answering is reported after `peer_timeout`.
@@ -24,20 +30,20 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
+use crate::auth::{AuthError, SERVER_NAME, Security};
 use crate::collective::{CommError, Communicator, Peer, RecvLink, SendLink};
 use crate::ring::{Rank, WorldSize};
+use crate::timeline::Timeline;
 
 /// Version of the wire protocol; ranks with different versions refuse each other.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 const ALPN: &[u8] = b"ringtrain/1";
-const SERVER_NAME: &str = "ringtrain";
 const MAX_HELLO: usize = 64 * 1024;
 /// Application close code for a normal end of run.
 const CLOSE_DONE: u32 = 0;
@@ -80,8 +86,9 @@ pub enum TransportError {
     },
     /// The previous rank never connected.
     #[error(
-        "{peer} did not connect within {secs} s; is it running, and can it reach this \
-         machine's UDP port {port}? raise --connect-timeout if ranks start far apart"
+        "{peer} did not connect within {secs} s{}; is it running, and can it reach this \
+         machine's UDP port {port}? raise --connect-timeout if ranks start far apart",
+        failed_note(.failed)
     )]
     NoPredecessor {
         /// The previous rank.
@@ -90,6 +97,8 @@ pub enum TransportError {
         secs: u64,
         /// Our UDP port.
         port: u16,
+        /// The last connection attempt that failed before its hello, and why.
+        failed: Option<String>,
     },
     /// A neighbour's configuration differs from ours.
     #[error("configuration differs from {peer}'s: {}; start every rank with the same flags", list_fields(.fields))]
@@ -111,6 +120,20 @@ pub enum TransportError {
         /// The world size it claimed.
         world: usize,
     },
+    /// The TLS handshake with the next rank failed: the two do not share a credential.
+    #[error(
+        "{peer} and this rank do not trust each other: {detail}; start every rank with the \
+         same cluster key (--key FILE or RINGTRAIN_KEY), or every rank with --insecure"
+    )]
+    Untrusted {
+        /// The neighbour.
+        peer: Peer,
+        /// What TLS reported.
+        detail: String,
+    },
+    /// The TLS settings could not be built.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// The handshake with a neighbour failed.
     #[error("handshake with {peer} failed: {detail}")]
     Handshake {
@@ -127,6 +150,13 @@ pub enum TransportError {
         /// The reason it gave.
         reason: String,
     },
+}
+
+fn failed_note(failed: &Option<String>) -> String {
+    match failed {
+        Some(f) => format!(" (the last attempt that failed came from {f})"),
+        None => String::new(),
+    }
 }
 
 fn list_fields(fields: &[(String, String, String)]) -> String {
@@ -146,6 +176,9 @@ pub struct TransportOptions {
     pub peer_timeout: Duration,
     /// Segment size in `f32` elements; frames are at most this plus a header.
     pub segment: usize,
+    /// Who may connect: holders of a cluster credential, or anyone
+    /// (see [`Security::resolve`] for when the latter is allowed).
+    pub security: Security,
 }
 
 /// What a rank tells its neighbour when they connect.
@@ -288,33 +321,18 @@ fn lost(peer: &Peer, e: impl std::fmt::Display) -> CommError {
     }
 }
 
-/// Builds the endpoint for `rank` at `addr`, with a fresh self-signed certificate.
-///
-/// TODO(issue 6, authentication): peers are encrypted but not authenticated yet; the
-/// client accepts any certificate.
+/// Builds the endpoint for `rank` at `addr`, secured as `opts.security` says: with a
+/// cluster credential it gets a fresh leaf certificate signed by the cluster's CA, and it
+/// both accepts and dials only peers whose leaf the same CA signed; unauthenticated, it
+/// encrypts but accepts anyone.
 pub fn endpoint(
     rank: Rank,
     addr: SocketAddr,
     opts: &TransportOptions,
 ) -> Result<quinn::Endpoint, TransportError> {
     let config_err = |e: &dyn std::fmt::Display| TransportError::Config(e.to_string());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
-        .map_err(|e| config_err(&e))?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| config_err(&e))?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .map_err(|e| config_err(&e))?;
+    let (mut server, mut client) = opts.security.tls_configs()?;
     server.alpn_protocols = vec![ALPN.to_vec()];
-    let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| config_err(&e))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
     client.alpn_protocols = vec![ALPN.to_vec()];
 
     let transport = Arc::new(transport_config(opts)?);
@@ -328,15 +346,41 @@ pub fn endpoint(
     let socket = udp_socket(addr).map_err(|source| TransportError::Bind { rank, addr, source })?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| TransportError::Config("no async runtime for quinn".into()))?;
-    let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        runtime,
-    )
-    .map_err(|source| TransportError::Bind { rank, addr, source })?;
+    let bind_err = |source| TransportError::Bind { rank, addr, source };
+    let socket = runtime.wrap_udp_socket(socket).map_err(bind_err)?;
+    let socket = with_injected_loss(socket, addr)?;
+    let config = quinn::EndpointConfig::default();
+    let mut ep = quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, runtime)
+        .map_err(bind_err)?;
     ep.set_default_client_config(client);
     Ok(ep)
+}
+
+/// Environment variable that makes every endpoint drop this share of its outgoing
+/// datagrams (0 to 1): a test aid for packet loss that needs no privileges.
+pub const INJECT_LOSS_ENV: &str = "RINGTRAIN_INJECT_LOSS";
+
+fn with_injected_loss(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    addr: SocketAddr,
+) -> Result<Arc<dyn quinn::AsyncUdpSocket>, TransportError> {
+    let Ok(value) = std::env::var(INJECT_LOSS_ENV) else {
+        return Ok(socket);
+    };
+    let rate: f64 = match value.trim().parse() {
+        Ok(r) if (0.0..=1.0).contains(&r) => r,
+        _ => {
+            let msg = format!("{INJECT_LOSS_ENV}={value:?}: expected a share between 0 and 1");
+            return Err(TransportError::Config(msg));
+        }
+    };
+    // The port makes each rank's pattern different and the run reproducible.
+    let seed = u64::from(addr.port());
+    warn!(
+        rate,
+        seed, "dropping outgoing datagrams on purpose ({INJECT_LOSS_ENV})"
+    );
+    Ok(Arc::new(crate::lossy::LossySocket::new(socket, rate, seed)))
 }
 
 fn transport_config(opts: &TransportOptions) -> Result<quinn::TransportConfig, TransportError> {
@@ -380,46 +424,6 @@ pub fn bind_addr(addr: SocketAddr) -> SocketAddr {
         SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
     };
     SocketAddr::new(ip, addr.port())
-}
-
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 async fn write_msg(stream: &mut quinn::SendStream, msg: &[u8]) -> Result<(), String> {
@@ -468,6 +472,37 @@ impl RingPlace {
     }
 }
 
+/// Why one attempt to dial the next rank failed.
+enum DialFailure {
+    /// The TLS handshake failed: retrying cannot help.
+    Untrusted(String),
+    /// Anything else: the rank may not be up yet.
+    Other(String),
+}
+
+impl From<String> for DialFailure {
+    fn from(e: String) -> Self {
+        DialFailure::Other(e)
+    }
+}
+
+/// What went wrong, when a connection ended because its TLS handshake failed: a
+/// certificate the cluster's CA did not sign, no certificate, or no common protocol.
+/// `None` for any other end of a connection.
+fn tls_failure(e: &quinn::ConnectionError) -> Option<String> {
+    // QUIC carries TLS alerts as transport error codes 0x100 to 0x1ff (RFC 9001, 4.8).
+    let is_tls = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match e {
+        quinn::ConnectionError::TransportError(t) if is_tls(t.code) => {
+            Some(format!("this rank's TLS refused the peer: {t}"))
+        }
+        quinn::ConnectionError::ConnectionClosed(c) if is_tls(c.error_code) => {
+            Some(format!("the peer's TLS refused this rank: {c}"))
+        }
+        _ => None,
+    }
+}
+
 /// Dials the next rank until it answers and agrees, or the deadline passes.
 async fn connect_next(
     ep: &quinn::Endpoint,
@@ -482,20 +517,26 @@ async fn connect_next(
     let mut backoff = Duration::from_millis(50);
     let mut last = String::from("no answer");
     while Instant::now() < deadline {
+        let per_try = Duration::from_secs(3).min(deadline - Instant::now());
         let attempt = async {
-            let conn = ep
-                .connect(addr, SERVER_NAME)
-                .map_err(|e| e.to_string())?
-                .await;
-            let conn = conn.map_err(|e| e.to_string())?;
+            let connecting = ep.connect(addr, SERVER_NAME).map_err(|e| e.to_string())?;
+            // Only reaching the peer is bounded per try. Once both handshakes are done the
+            // peer may already hold this connection as its predecessor's; dropping it for a
+            // slow hello (a loaded machine) would leave the peer with a dead connection.
+            let conn = timeout(per_try, connecting)
+                .await
+                .map_err(|_| String::from("no answer"))?;
+            let conn = conn.map_err(|e| match tls_failure(&e) {
+                Some(detail) => DialFailure::Untrusted(detail),
+                None => DialFailure::Other(e.to_string()),
+            })?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
             let msg = serde_json::to_vec(hello).map_err(|e| e.to_string())?;
             write_msg(&mut send, &msg).await?;
             let theirs = read_hello(&mut recv).await;
-            Ok::<_, String>((conn, send, theirs))
+            Ok::<_, DialFailure>((conn, send, theirs))
         };
-        let per_try = Duration::from_secs(3).min(deadline - Instant::now());
-        match timeout(per_try, attempt).await {
+        match timeout_at(deadline, attempt).await {
             Ok(Ok((conn, send, Ok(theirs)))) => {
                 check_hello(&peer, hello, &theirs, next, place.world()).inspect_err(|_| {
                     conn.close(CLOSE_ERROR.into(), b"configuration mismatch");
@@ -504,7 +545,11 @@ async fn connect_next(
                 return Ok((conn, send));
             }
             Ok(Ok((conn, _, Err(e)))) => {
-                // Connected, but the peer closed instead of answering: it refused us.
+                // Connected, but the peer closed instead of answering: it refused us, in
+                // the TLS handshake (our certificate) or after reading our hello.
+                if let Some(detail) = conn.close_reason().as_ref().and_then(tls_failure) {
+                    return Err(TransportError::Untrusted { peer, detail });
+                }
                 if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
                     let mut reason = String::from_utf8_lossy(&c.reason).into_owned();
                     if reason.is_empty() {
@@ -515,7 +560,10 @@ async fn connect_next(
                 }
                 last = e;
             }
-            Ok(Err(e)) => last = e,
+            Ok(Err(DialFailure::Untrusted(detail))) => {
+                return Err(TransportError::Untrusted { peer, detail });
+            }
+            Ok(Err(DialFailure::Other(e))) => last = e,
             Err(_) => last = "no answer".into(),
         }
         debug!(%peer, %last, "dial failed; retrying");
@@ -572,14 +620,24 @@ async fn accept_prev(
     let peer = place.peer(prev);
     let port = place.addrs[place.rank.0].port();
     let secs = opts.connect_timeout.as_secs();
+    let mut failed = None;
     loop {
         let incoming = match timeout_at(deadline, ep.accept()).await {
             Ok(Some(incoming)) => incoming,
-            _ => return Err(TransportError::NoPredecessor { peer, secs, port }),
+            _ => {
+                return Err(TransportError::NoPredecessor {
+                    peer,
+                    secs,
+                    port,
+                    failed,
+                });
+            }
         };
         let remote = incoming.remote_address();
         let greet = async {
-            let conn = incoming.await.map_err(|e| e.to_string())?;
+            let conn = incoming
+                .await
+                .map_err(|e| tls_failure(&e).unwrap_or_else(|| e.to_string()))?;
             let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
             let theirs = read_hello(&mut recv).await?;
             Ok::<_, String>((conn, send, recv, theirs))
@@ -588,10 +646,12 @@ async fn accept_prev(
             Ok(Ok(greeted)) => greeted,
             Ok(Err(e)) => {
                 warn!(%remote, "a connection attempt failed before its hello: {e}");
+                failed = Some(format!("{remote}: {e}"));
                 continue;
             }
             Err(_) => {
                 warn!(%remote, "a connection sent no hello within 5 s; dropped it");
+                failed = Some(format!("{remote}: it sent no hello within 5 s"));
                 continue;
             }
         };
@@ -664,12 +724,23 @@ impl CommHandle {
         hello: Hello,
         opts: TransportOptions,
     ) -> Result<CommHandle, TransportError> {
+        Self::connect_with_timeline(place, hello, opts, Timeline::disabled())
+    }
+
+    /// [`CommHandle::connect`], with the communication thread recording each collective's
+    /// phases and its waits for the previous rank on `timeline`.
+    pub fn connect_with_timeline(
+        place: RingPlace,
+        hello: Hello,
+        opts: TransportOptions,
+        timeline: Timeline,
+    ) -> Result<CommHandle, TransportError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (req_tx, req_rx) = mpsc::channel(1);
         let (fin_tx, fin_rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("ringtrain-comm-{}", place.rank.0))
-            .spawn(move || comm_thread(place, hello, opts, ready_tx, req_rx, fin_rx))
+            .spawn(move || comm_thread(place, hello, opts, timeline, ready_tx, req_rx, fin_rx))
             .map_err(|e| TransportError::Config(format!("cannot start a thread: {e}")))?;
         let ready = ready_rx.recv().unwrap_or_else(|_| {
             Err(TransportError::Config(
@@ -766,10 +837,13 @@ fn comm_thread(
     place: RingPlace,
     hello: Hello,
     opts: TransportOptions,
+    timeline: Timeline,
     ready: std::sync::mpsc::Sender<Result<(), TransportError>>,
     mut requests: mpsc::Receiver<(Request, oneshot::Sender<Reply>)>,
     finish: oneshot::Receiver<Option<String>>,
 ) {
+    // Spans do not cross threads: this thread's log lines carry the rank through its own.
+    let _rank = tracing::info_span!("rank", rank = place.rank.0).entered();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -793,6 +867,9 @@ fn comm_thread(
                 return;
             }
         };
+        if let Some((_, _, comm)) = links.as_mut() {
+            comm.set_timeline(timeline);
+        }
         let _ = ready.send(Ok(()));
         let mut failed: Option<String> = None;
         while let Some((req, reply)) = requests.recv().await {
@@ -838,6 +915,7 @@ async fn form_ring(
         Ok(v) => v,
         Err(e) => return Err((Some(ep), e)),
     };
+    refuse_latecomers(&ep);
     let next = place.peer(world.next(place.rank));
     let prev = place.peer(world.prev(place.rank));
     let max_frame = crate::frame::HEADER_LEN + 4 * opts.segment.max(1);
@@ -852,6 +930,27 @@ async fn form_ring(
     };
     let comm = Communicator::new(place.rank, world, tx, rx, opts.segment);
     Ok((Some(ep), Some((out_conn, in_conn, comm))))
+}
+
+/// Once both neighbours are connected nobody else may join: every further connection
+/// attempt is refused at once, before any TLS work, for as long as the endpoint lives.
+/// Must run inside the comm thread's runtime.
+fn refuse_latecomers(ep: &quinn::Endpoint) {
+    let ep = ep.clone();
+    tokio::spawn(async move {
+        let mut refused = 0u64;
+        while let Some(incoming) = ep.accept().await {
+            let remote = incoming.remote_address();
+            incoming.refuse();
+            refused += 1;
+            if refused == 1 {
+                warn!(%remote, "refused a connection: the ring is already formed \
+                      (more such refusals are logged at debug level)");
+            } else {
+                debug!(%remote, refused, "refused a connection: the ring is already formed");
+            }
+        }
+    });
 }
 
 /// Waits for both handshakes. When one fails, the other gets a short grace period so that

@@ -240,3 +240,63 @@ fn a_killed_rank_is_named_by_the_survivors_within_the_peer_timeout() {
         );
     }
 }
+
+#[test]
+fn training_completes_with_equal_digests_under_one_percent_datagram_loss() {
+    // Every endpoint drops 1% of its outgoing datagrams (seeded by its port); QUIC must
+    // resend them and the ring must still agree bit for bit.
+    let out = Command::new(BIN)
+        .args([
+            "launch",
+            "--np",
+            "3",
+            "--steps",
+            "40",
+            "--peer-timeout",
+            "10",
+        ])
+        .env("RINGTRAIN_INJECT_LOSS", "0.01")
+        .output()
+        .expect("run ringtrain");
+    let (stdout, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "launch failed under loss:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("dropping outgoing datagrams on purpose"),
+        "{stderr}"
+    );
+    let digests: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("param_digest ").map(|(_, d)| d.trim()))
+        .collect();
+    assert_eq!(digests.len(), 3, "{stdout}");
+    assert!(digests.iter().all(|d| d == &digests[0]), "{digests:?}");
+}
+
+#[test]
+fn ranks_may_start_in_any_order() {
+    // Rank 1 starts alone and keeps dialling; rank 0 comes two seconds later.
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(dir.path(), 2);
+    let flags = ["--steps", "10", "--connect-timeout", "30"];
+    let late = spawn_rank(&hosts, 1, &flags);
+    std::thread::sleep(Duration::from_secs(2));
+    let early = spawn_rank(&hosts, 0, &flags);
+    let mut digests = Vec::new();
+    for (rank, child) in [(1, late), (0, early)] {
+        let (out, _) = wait_within(child, Duration::from_secs(40));
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "rank {rank}:\n{stderr}");
+        let digest = stdout
+            .lines()
+            .find_map(|l| l.split_once("param_digest ").map(|(_, d)| d));
+        digests.push(
+            digest
+                .unwrap_or_else(|| panic!("no digest in {stdout}"))
+                .to_string(),
+        );
+    }
+    assert_eq!(digests[0], digests[1]);
+}

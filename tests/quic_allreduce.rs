@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use ringtrain::auth::Security;
 use ringtrain::launch::free_local_addrs;
 use ringtrain::ring::Rank;
 use ringtrain::transport::{CommHandle, Hello, PROTOCOL_VERSION, RingPlace, TransportOptions};
@@ -15,6 +16,7 @@ fn opts(segment: usize) -> TransportOptions {
         connect_timeout: Duration::from_secs(20),
         peer_timeout: Duration::from_secs(10),
         segment,
+        security: Security::Unauthenticated,
     }
 }
 
