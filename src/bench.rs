@@ -346,6 +346,14 @@ pub fn process_cpu_secs() -> Option<f64> {
     schedstat_secs().or_else(stat_secs)
 }
 
+/// On-CPU seconds of the calling thread (`/proc/thread-self/schedstat`); `None` where
+/// that file is missing.
+pub fn thread_cpu_secs() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 * 1e-9)
+}
+
 fn schedstat_secs() -> Option<f64> {
     let mut total: u64 = 0;
     let mut any = false;
@@ -491,5 +499,7 @@ mod tests {
         let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0";
         assert_eq!(stat_ticks(stat), Some(10));
         assert!(process_cpu_secs().is_some_and(|s| s >= 0.0));
+        let (mine, all) = (thread_cpu_secs().unwrap(), process_cpu_secs().unwrap());
+        assert!(mine <= all + 1e-6, "thread {mine} s, process {all} s");
     }
 }

@@ -32,7 +32,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -525,6 +525,9 @@ static LIVE: Mutex<Vec<Weak<Mutex<Made>>>> = Mutex::new(Vec::new());
 /// Numbers the clusters of this process.
 static SERIAL: AtomicUsize = AtomicUsize::new(0);
 
+/// Set by the signal watcher before it removes the clusters and exits the process.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// A running emulated cluster. Dropping it removes everything it made.
 #[derive(Debug)]
 pub struct Cluster {
@@ -673,6 +676,13 @@ impl Drop for Cluster {
                 self.names.id,
                 left.join("; ")
             );
+        }
+        // After a signal the ranks die and the caller would report that as a failure and
+        // exit first; wait instead for the watcher, which exits with the signal's status.
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            loop {
+                std::thread::park();
+            }
         }
     }
 }
@@ -858,6 +868,7 @@ fn signal_thread() {
         warn!("cannot watch for Ctrl-C; an interrupted run may leave namespaces");
         return;
     };
+    INTERRUPTED.store(true, Ordering::SeqCst);
     let live: Vec<Shared> = LIVE
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -8,7 +8,8 @@
 //! 1. runs `--warmup` untimed all-reduces, then `--iters` timed ones; before each, the
 //!    buffer is filled with [`pattern`] values whose exact sum is known, and after each the
 //!    result is checked element by element (neither is timed);
-//! 2. times each call and the process's CPU time across it;
+//! 2. times each call, and measures the CPU time the process spent apart from the calling
+//!    thread (which fills and checks, and is blocked during the all-reduce);
 //! 3. gathers every rank's times, CPU and bytes with one more all-reduce in which each rank
 //!    fills only its own slot (adding zeros is exact), so every rank sees all of them.
 //!
@@ -376,20 +377,44 @@ fn measure(
         mine.bad += count_wrong(&buf, &expected, rank, size);
     }
     let sent0 = comm.bytes_sent();
+    let cpu0 = CpuSample::now();
     for _ in 0..args.iters {
         fill(&mut buf, rank);
-        let cpu0 = super::process_cpu_secs().unwrap_or(0.0);
         let t = Instant::now();
         buf = comm.allreduce_sum(buf)?;
         mine.times.push(t.elapsed().as_secs_f64());
-        mine.cpu += super::process_cpu_secs().unwrap_or(0.0) - cpu0;
         mine.bad += count_wrong(&buf, &expected, rank, size);
     }
+    mine.cpu = CpuSample::now().comm_secs_since(&cpu0);
     mine.bytes = (comm.bytes_sent() - sent0) as f64;
     drop(buf);
 
     let all = gather(comm, &mine, rank, world, args.iters as usize)?;
     Ok(summarize(&all, size, world, args))
+}
+
+/// CPU time of the whole process and of this (the calling) thread.
+struct CpuSample {
+    process: f64,
+    caller: f64,
+}
+
+impl CpuSample {
+    fn now() -> CpuSample {
+        CpuSample {
+            process: super::process_cpu_secs().unwrap_or(0.0),
+            caller: super::thread_cpu_secs().unwrap_or(0.0),
+        }
+    }
+
+    /// CPU-seconds the other threads (the communication thread) used since `earlier`. The
+    /// caller's own time, filling and checking buffers, is left out; while an all-reduce
+    /// runs the caller is blocked, so nothing of the all-reduce is lost.
+    fn comm_secs_since(&self, earlier: &CpuSample) -> f64 {
+        let total = self.process - earlier.process;
+        let caller = self.caller - earlier.caller;
+        (total - caller).max(0.0)
+    }
 }
 
 /// Every rank's sample, by rank, through one all-reduce of per-rank slots.
