@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 use tracing::trace;
 
-use crate::frame::{self, FrameError, FrameKind, Header};
+use crate::frame::{self, FrameError, FrameKind, Header, Payload, Pieces};
 use crate::ring::{Phase, Plan, Rank, SegmentOp, WorldSize};
 use crate::timeline::{Timeline, Track};
 
@@ -102,9 +102,9 @@ pub trait SendLink {
 
 /// The receiving half of a link from the previous rank.
 pub trait RecvLink {
-    /// Receives one whole frame. Dropping the future may lose a partial frame, after which
-    /// the link must not be used again.
-    fn recv(&mut self) -> impl Future<Output = Result<Bytes, CommError>>;
+    /// Receives one whole frame, in the pieces it arrived in. Dropping the future may lose
+    /// a partial frame, after which the link must not be used again.
+    fn recv(&mut self) -> impl Future<Output = Result<Pieces, CommError>>;
     /// Who sends.
     fn peer(&self) -> &Peer;
 }
@@ -267,10 +267,11 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
                 phases.add(op.phase, 0, got.len());
                 let (h, payload) = decode(peer, &got, max_frame)?;
                 expect_header(peer, op_header(seq, op, bcast), h)?;
+                // The header matched, so the payload holds exactly `op.range.len()` f32s.
                 let dst = &mut buf.borrow_mut()[op.range.clone()];
                 match (bcast, op.phase) {
-                    (false, Phase::ReduceScatter) => frame::add_into(dst, payload),
-                    _ => frame::copy_into(dst, payload),
+                    (false, Phase::ReduceScatter) => payload.add_into(dst),
+                    _ => payload.copy_into(dst),
                 }
                 trace!(
                     step = op.step,
@@ -369,7 +370,11 @@ fn digest_header(seq: u32, step: usize, owner: usize, len: usize) -> Header {
     }
 }
 
-fn decode<'a>(peer: &Peer, bytes: &'a [u8], max: usize) -> Result<(Header, &'a [u8]), CommError> {
+fn decode<'a>(
+    peer: &Peer,
+    bytes: &'a Pieces,
+    max: usize,
+) -> Result<(Header, Payload<'a>), CommError> {
     if bytes.len() > max {
         let (len, max) = (bytes.len() as u64, max as u64);
         return Err(CommError::TooLarge {
@@ -378,7 +383,7 @@ fn decode<'a>(peer: &Peer, bytes: &'a [u8], max: usize) -> Result<(Header, &'a [
             max,
         });
     }
-    frame::decode(bytes).map_err(|source| CommError::BadFrame {
+    frame::decode_pieces(bytes).map_err(|source| CommError::BadFrame {
         peer: peer.clone(),
         source,
     })
@@ -447,11 +452,12 @@ impl SendLink for MemSend {
 }
 
 impl RecvLink for MemRecv {
-    async fn recv(&mut self) -> Result<Bytes, CommError> {
-        self.rx.recv().await.ok_or_else(|| CommError::PeerLost {
+    async fn recv(&mut self) -> Result<Pieces, CommError> {
+        let frame = self.rx.recv().await.ok_or_else(|| CommError::PeerLost {
             peer: self.peer.clone(),
             reason: "its end of the in-process link was dropped".into(),
-        })
+        })?;
+        Ok(Pieces::from(frame))
     }
 
     fn peer(&self) -> &Peer {

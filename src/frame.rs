@@ -105,10 +105,19 @@ pub fn encode_f32(header: Header, values: &[f32]) -> Bytes {
     );
     let mut out = BytesMut::with_capacity(HEADER_LEN + 4 * values.len());
     put_header(&mut out, header);
-    for v in values {
-        out.put_f32_le(*v);
-    }
+    put_f32s(&mut out, values);
     out.freeze()
+}
+
+/// Appends `values` as little-endian bytes: one bulk copy where that is the native order.
+fn put_f32s(out: &mut BytesMut, values: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.put_slice(bytemuck::cast_slice(values));
+    } else {
+        for v in values {
+            out.put_f32_le(*v);
+        }
+    }
 }
 
 /// Encodes a frame of raw bytes (digests).
@@ -140,6 +149,13 @@ pub fn decode(frame: &[u8]) -> Result<(Header, &[u8]), FrameError> {
         return Err(FrameError::Short(frame.len()));
     }
     let (head, payload) = frame.split_at(HEADER_LEN);
+    let head: &[u8; HEADER_LEN] = head.try_into().expect("split at HEADER_LEN");
+    let header = decode_header(head, payload.len())?;
+    Ok((header, payload))
+}
+
+/// Parses a header and checks it against the number of payload bytes that follow it.
+fn decode_header(head: &[u8; HEADER_LEN], payload_len: usize) -> Result<Header, FrameError> {
     let kind = FrameKind::from_u8(head[0]).ok_or(FrameError::UnknownKind(head[0]))?;
     if head[1] != 0 {
         return Err(FrameError::Reserved(head[1]));
@@ -155,14 +171,153 @@ pub fn decode(frame: &[u8]) -> Result<(Header, &[u8]), FrameError> {
         offset,
         count: u32_at(20),
     };
-    if header.payload_len() != payload.len() as u64 {
+    if header.payload_len() != payload_len as u64 {
         return Err(FrameError::Length {
             count: header.count,
             expected: header.payload_len(),
-            actual: payload.len(),
+            actual: payload_len,
         });
     }
-    Ok((header, payload))
+    Ok(header)
+}
+
+/// A received frame as the link handed it over: pieces of bytes, in order.
+///
+/// QUIC delivers stream data in the buffers its packets arrived in. Keeping those pieces,
+/// rather than copying them into one buffer, saves a copy and the zeroing of its target
+/// for every received byte; the reduce kernel then reads each piece once. Piece
+/// boundaries fall anywhere, also inside the header or inside an `f32`.
+#[derive(Debug, Clone, Default)]
+pub struct Pieces {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Pieces {
+    /// No bytes yet.
+    pub fn new() -> Pieces {
+        Pieces::default()
+    }
+
+    /// Appends the next piece.
+    pub fn push(&mut self, part: Bytes) {
+        if !part.is_empty() {
+            self.len += part.len();
+            self.parts.push(part);
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces' bytes from `start` on, piece by piece.
+    fn slices_from(&self, start: usize) -> impl Iterator<Item = &[u8]> {
+        let mut skip = start;
+        self.parts.iter().filter_map(move |p| {
+            let cut = skip.min(p.len());
+            skip -= cut;
+            let rest = &p[cut..];
+            (!rest.is_empty()).then_some(rest)
+        })
+    }
+}
+
+impl From<Bytes> for Pieces {
+    fn from(bytes: Bytes) -> Pieces {
+        let mut pieces = Pieces::new();
+        pieces.push(bytes);
+        pieces
+    }
+}
+
+/// The payload of a frame held in [`Pieces`].
+#[derive(Debug, Clone, Copy)]
+pub struct Payload<'a> {
+    pieces: &'a Pieces,
+}
+
+impl Payload<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.pieces.len - HEADER_LEN
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds the payload's little-endian `f32`s into `dst`, element by element, like
+    /// [`add_into`]. The caller has checked that `self.len() == 4 * dst.len()`.
+    pub fn add_into(&self, dst: &mut [f32]) {
+        self.apply(dst, add_into);
+    }
+
+    /// Copies the payload's little-endian `f32`s into `dst`, like [`copy_into`].
+    /// The caller has checked that `self.len() == 4 * dst.len()`.
+    pub fn copy_into(&self, dst: &mut [f32]) {
+        self.apply(dst, copy_into);
+    }
+
+    /// The payload's bytes in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for s in self.pieces.slices_from(HEADER_LEN) {
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    /// Runs `kernel` over each piece's whole `f32`s; an `f32` split between two pieces is
+    /// put together first and goes through the same kernel.
+    fn apply(&self, dst: &mut [f32], kernel: fn(&mut [f32], &[u8])) {
+        debug_assert_eq!(self.len(), 4 * dst.len(), "invariant: payload fits dst");
+        let (mut at, mut carry, mut have) = (0, [0u8; 4], 0);
+        for mut s in self.pieces.slices_from(HEADER_LEN) {
+            if have > 0 {
+                let take = (4 - have).min(s.len());
+                carry[have..have + take].copy_from_slice(&s[..take]);
+                (have, s) = (have + take, &s[take..]);
+                if have < 4 {
+                    continue;
+                }
+                kernel(&mut dst[at..at + 1], &carry);
+                at += 1;
+            }
+            let whole = s.len() / 4;
+            kernel(&mut dst[at..at + whole], &s[..4 * whole]);
+            at += whole;
+            let rest = &s[4 * whole..];
+            carry[..rest.len()].copy_from_slice(rest);
+            have = rest.len();
+        }
+    }
+}
+
+/// Decodes a frame held in pieces into its header and payload.
+pub fn decode_pieces(frame: &Pieces) -> Result<(Header, Payload<'_>), FrameError> {
+    if frame.len < HEADER_LEN {
+        return Err(FrameError::Short(frame.len));
+    }
+    let mut head = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    for s in frame.slices_from(0) {
+        let take = (HEADER_LEN - filled).min(s.len());
+        head[filled..filled + take].copy_from_slice(&s[..take]);
+        filled += take;
+        if filled == HEADER_LEN {
+            break;
+        }
+    }
+    let header = decode_header(&head, frame.len - HEADER_LEN)?;
+    Ok((header, Payload { pieces: frame }))
 }
 
 /// Adds little-endian `f32`s from `payload` into `dst`, element by element.
@@ -239,7 +394,81 @@ mod tests {
         ));
     }
 
+    /// `bytes` cut at the given offsets (sorted, deduplicated, within bounds).
+    fn cut(bytes: &[u8], mut at: Vec<usize>) -> Pieces {
+        at.retain(|&a| a < bytes.len());
+        at.sort_unstable();
+        at.dedup();
+        let mut pieces = Pieces::new();
+        let mut from = 0;
+        for a in at.into_iter().chain([bytes.len()]) {
+            pieces.push(Bytes::copy_from_slice(&bytes[from..a]));
+            from = a;
+        }
+        pieces
+    }
+
+    #[test]
+    fn pieces_cut_inside_the_header_and_inside_an_f32_decode_like_one_buffer() {
+        let vals = [1.25f32, -2.5, 3.0e-3, 7.0, f32::MIN_POSITIVE];
+        let bytes = encode_f32(header(5), &vals);
+        let pieces = cut(&bytes, vec![3, 23, 26, 27, 31, 40]);
+        let (h, payload) = decode_pieces(&pieces).unwrap();
+        assert_eq!(h, header(5));
+        assert_eq!(payload.len(), 20);
+        let mut out = [0f32; 5];
+        payload.copy_into(&mut out);
+        assert_eq!(out.map(f32::to_bits), vals.map(f32::to_bits));
+        payload.add_into(&mut out);
+        assert_eq!(out, vals.map(|v| v + v));
+        assert_eq!(payload.to_vec(), bytes[HEADER_LEN..].to_vec());
+        let (_, whole) = decode(&bytes).unwrap();
+        assert_eq!(payload.to_vec(), whole.to_vec());
+    }
+
+    #[test]
+    fn pieces_reject_what_one_buffer_rejects() {
+        assert_eq!(
+            decode_pieces(&cut(&[0; 5], vec![2])).unwrap_err(),
+            FrameError::Short(5)
+        );
+        let mut bytes = encode_f32(header(2), &[1.0, 2.0]).to_vec();
+        bytes.pop();
+        let err = decode_pieces(&cut(&bytes, vec![10, 25])).unwrap_err();
+        assert_eq!(Err(err), decode(&bytes).map(|_| ()));
+    }
+
     proptest! {
+        #[test]
+        fn any_cut_of_a_frame_reduces_bit_for_bit_like_one_buffer(
+            vals in proptest::collection::vec(any::<f32>(), 0..64),
+            base in proptest::collection::vec(-1e3f32..1e3, 64),
+            at in proptest::collection::vec(0usize..300, 0..12),
+        ) {
+            let n = vals.len();
+            let bytes = encode_f32(header(n as u32), &vals);
+            let (_, whole) = decode(&bytes).unwrap();
+            let pieces = cut(&bytes, at);
+            let (_, payload) = decode_pieces(&pieces).unwrap();
+            let (mut a, mut b) = (base[..n].to_vec(), base[..n].to_vec());
+            add_into(&mut a, whole);
+            payload.add_into(&mut b);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&a), bits(&b));
+            copy_into(&mut a, whole);
+            payload.copy_into(&mut b);
+            prop_assert_eq!(bits(&a), bits(&b));
+        }
+
+        #[test]
+        fn decode_pieces_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..100),
+            at in proptest::collection::vec(0usize..100, 0..6),
+        ) {
+            let pieces = cut(&bytes, at);
+            prop_assert_eq!(decode_pieces(&pieces).map(|(h, _)| h), decode(&bytes).map(|(h, _)| h));
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
             let _ = decode(&bytes);

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{AuthError, SERVER_NAME, Security};
 use crate::collective::{CommError, Communicator, Peer, RecvLink, SendLink};
+use crate::frame::Pieces;
 use crate::ring::{Rank, WorldSize};
 use crate::timeline::Timeline;
 
@@ -249,13 +250,17 @@ pub struct QuicRecv {
 
 impl SendLink for QuicSend {
     async fn send(&mut self, frame: Bytes) -> Result<(), CommError> {
-        let len = (frame.len() as u32).to_le_bytes();
+        let len = Bytes::copy_from_slice(&(frame.len() as u32).to_le_bytes());
+        // Both pieces go to quinn by reference: the frame is never copied again.
+        let mut pieces = [len, frame];
         let lost = |e: quinn::WriteError| match e {
             quinn::WriteError::ConnectionLost(c) => lost(&self.peer, why_lost(&c)),
             other => lost(&self.peer, other),
         };
-        self.stream.write_all(&len).await.map_err(lost)?;
-        self.stream.write_chunk(frame).await.map_err(lost)
+        self.stream
+            .write_all_chunks(&mut pieces)
+            .await
+            .map_err(lost)
     }
 
     fn peer(&self) -> &Peer {
@@ -264,30 +269,41 @@ impl SendLink for QuicSend {
 }
 
 impl RecvLink for QuicRecv {
-    async fn recv(&mut self) -> Result<Bytes, CommError> {
-        let mut len = [0u8; 4];
-        let read_lost = |e: quinn::ReadExactError| match e {
-            quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
-                lost(&self.peer, why_lost(&c))
-            }
-            quinn::ReadExactError::FinishedEarly(_) => {
-                lost(&self.peer, "it ended its stream in the middle of the run")
-            }
-            other => lost(&self.peer, other),
+    async fn recv(&mut self) -> Result<Pieces, CommError> {
+        let peer = &self.peer;
+        let ended = || lost(peer, "it ended its stream in the middle of the run");
+        let read_lost = |e: quinn::ReadError| match e {
+            quinn::ReadError::ConnectionLost(c) => lost(peer, why_lost(&c)),
+            other => lost(peer, other),
         };
-        self.stream.read_exact(&mut len).await.map_err(read_lost)?;
+        let mut len = [0u8; 4];
+        self.stream
+            .read_exact(&mut len)
+            .await
+            .map_err(|e| match e {
+                quinn::ReadExactError::ReadError(e) => read_lost(e),
+                quinn::ReadExactError::FinishedEarly(_) => ended(),
+            })?;
         let len = u32::from_le_bytes(len) as usize;
         if len > self.max_frame {
             let (len, max) = (len as u64, self.max_frame as u64);
             return Err(CommError::TooLarge {
-                peer: self.peer.clone(),
+                peer: peer.clone(),
                 len,
                 max,
             });
         }
-        let mut buf = BytesMut::zeroed(len);
-        self.stream.read_exact(&mut buf).await.map_err(read_lost)?;
-        Ok(buf.freeze())
+        // Take the frame in the buffers quinn received it in; never read past its end.
+        let mut pieces = Pieces::new();
+        while pieces.len() < len {
+            let want = len - pieces.len();
+            match self.stream.read_chunk(want, true).await {
+                Ok(Some(chunk)) => pieces.push(chunk.bytes),
+                Ok(None) => return Err(ended()),
+                Err(e) => return Err(read_lost(e)),
+            }
+        }
+        Ok(pieces)
     }
 
     fn peer(&self) -> &Peer {
@@ -1071,9 +1087,32 @@ async fn shutdown(
     if timeout(opts.peer_timeout, wait).await.is_err() {
         warn!("neighbours did not confirm the end of the run in time; closing anyway");
     }
+    log_path_stats("to the next rank", &out_conn);
+    log_path_stats("from the previous rank", &in_conn);
     out_conn.close(CLOSE_DONE.into(), b"done");
     in_conn.close(CLOSE_DONE.into(), b"done");
     close_endpoint(&ep, CLOSE_DONE, "done").await;
+}
+
+/// Logs what QUIC saw on one connection (round-trip time, congestion window, losses), the
+/// first thing to look at when a link runs below its rate.
+fn log_path_stats(which: &str, conn: &quinn::Connection) {
+    let s = conn.stats();
+    debug!(
+        connection = which,
+        rtt_us = s.path.rtt.as_micros() as u64,
+        cwnd = s.path.cwnd,
+        mtu = s.path.current_mtu,
+        sent_packets = s.path.sent_packets,
+        lost_packets = s.path.lost_packets,
+        lost_bytes = s.path.lost_bytes,
+        congestion_events = s.path.congestion_events,
+        udp_tx_datagrams = s.udp_tx.datagrams,
+        udp_tx_ios = s.udp_tx.ios,
+        udp_rx_datagrams = s.udp_rx.datagrams,
+        udp_rx_ios = s.udp_rx.ios,
+        "connection statistics"
+    );
 }
 
 async fn close_endpoint(ep: &quinn::Endpoint, code: u32, reason: &str) {
