@@ -157,6 +157,10 @@ pub struct TrainOpts {
     /// All-reduce segment size in f32 elements (frames are pipelined per segment).
     #[arg(long, default_value_t = crate::collective::DEFAULT_SEGMENT)]
     pub segment: usize,
+    /// Send gradients as 16-bit values (fp16 or bf16), halving the ring's bytes; sums are
+    /// still accumulated in f32. Ring mode only.
+    #[arg(long, value_enum, default_value = "none", value_name = "WIRE")]
+    pub compress: crate::frame::Wire,
     /// Write the run's summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub metrics_out: Option<PathBuf>,
@@ -231,6 +235,7 @@ impl TrainOpts {
             connect_timeout: secs("connect-timeout", self.connect_timeout)?,
             peer_timeout: secs("peer-timeout", self.peer_timeout)?,
             segment: self.segment,
+            compress: self.compress,
             metrics_out: self.metrics_out.clone(),
             timeline: self.timeline.clone(),
             save: self.save.clone(),
@@ -271,6 +276,7 @@ impl TrainOpts {
         flag("connect-timeout", self.connect_timeout.to_string());
         flag("peer-timeout", self.peer_timeout.to_string());
         flag("segment", self.segment.to_string());
+        flag("compress", self.compress.name().to_string());
         flag("checkpoint-every", self.checkpoint_every.to_string());
         flag("keep-checkpoints", self.keep_checkpoints.to_string());
         if let Some(dir) = &self.checkpoint_dir {

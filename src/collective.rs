@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 use tracing::trace;
 
-use crate::frame::{self, FrameError, FrameKind, Header, Payload, Pieces};
+use crate::frame::{self, FrameError, FrameKind, Header, Payload, Pieces, Wire};
 use crate::ring::{Phase, Plan, Rank, SegmentOp, WorldSize};
 use crate::timeline::{Timeline, Track};
 
@@ -117,6 +117,7 @@ pub struct Communicator<S, R> {
     tx: S,
     rx: R,
     segment: usize,
+    wire: Wire,
     seq: u32,
     bytes_sent: u64,
     timeline: Timeline,
@@ -133,6 +134,7 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
             tx,
             rx,
             segment,
+            wire: Wire::F32,
             seq: 0,
             bytes_sent: 0,
             timeline: Timeline::disabled(),
@@ -143,6 +145,17 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
     /// rank's frames on `timeline` (nothing is recorded when it is disabled, the default).
     pub fn set_timeline(&mut self, timeline: Timeline) {
         self.timeline = timeline;
+    }
+
+    /// Sends all-reduce values in `wire` (see [`Wire`]); broadcasts and digests stay exact.
+    /// Every rank must use the same encoding: frames in another one are out of step.
+    pub fn set_wire(&mut self, wire: Wire) {
+        self.wire = wire;
+    }
+
+    /// How all-reduce values travel.
+    pub fn wire(&self) -> Wire {
+        self.wire
     }
 
     /// This rank.
@@ -174,6 +187,10 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
     ///
     /// Every rank must call this with buffers of the same length. Afterwards all ranks hold
     /// bit-identical values (see [`crate::ring`] for the summation order).
+    ///
+    /// With a 16-bit [`Wire`], every partial sum is rounded to it when sent and added in
+    /// `f32`; the owner of each reduced chunk rounds it in place before the all-gather, so
+    /// that every rank ends with the same, rounded, values.
     pub async fn allreduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
         let plan = Plan::allreduce(self.rank, self.world, buf.len(), self.segment);
         self.run(&plan, buf, false).await
@@ -223,6 +240,7 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
     async fn run(&mut self, plan: &Plan, buf: &mut [f32], bcast: bool) -> Result<(), CommError> {
         let seq = self.next_seq();
         let max_frame = self.max_frame();
+        let wire = if bcast { Wire::F32 } else { self.wire };
         let buf = RefCell::new(buf);
         let recvs_done = Cell::new(0usize);
         let progress = Notify::new();
@@ -239,9 +257,17 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
                 while recvs_done.get() < op.needs_recvs {
                     progress.notified().await;
                 }
-                let header = op_header(seq, op, bcast);
+                let header = op_header(seq, op, bcast, wire);
                 // The borrow ends before the await: the receiver may write meanwhile.
-                let bytes = frame::encode_f32(header, &buf.borrow()[op.range.clone()]);
+                let bytes = {
+                    let mut buf = buf.borrow_mut();
+                    let values = &mut buf[op.range.clone()];
+                    if op.phase == Phase::AllGather {
+                        // Keep exactly what the others get (a no-op for forwarded values).
+                        wire.round_in_place(values);
+                    }
+                    frame::encode_f32(header, values)
+                };
                 bytes_sent.set(bytes_sent.get() + bytes.len() as u64);
                 phases.add(op.phase, bytes.len(), 0);
                 trace!(
@@ -266,7 +292,7 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
                 tl.span(Track::Wait, "wait for neighbour", waiting, &args);
                 phases.add(op.phase, 0, got.len());
                 let (h, payload) = decode(peer, &got, max_frame)?;
-                expect_header(peer, op_header(seq, op, bcast), h)?;
+                expect_header(peer, op_header(seq, op, bcast, wire), h)?;
                 // The header matched, so the payload holds exactly `op.range.len()` f32s.
                 let dst = &mut buf.borrow_mut()[op.range.clone()];
                 match (bcast, op.phase) {
@@ -342,7 +368,7 @@ impl PhaseBytes {
     }
 }
 
-fn op_header(seq: u32, op: &SegmentOp, bcast: bool) -> Header {
+fn op_header(seq: u32, op: &SegmentOp, bcast: bool, wire: Wire) -> Header {
     let kind = match (bcast, op.phase) {
         (true, _) => FrameKind::Broadcast,
         (false, Phase::ReduceScatter) => FrameKind::ReduceScatter,
@@ -350,6 +376,7 @@ fn op_header(seq: u32, op: &SegmentOp, bcast: bool) -> Header {
     };
     Header {
         kind,
+        wire,
         // Steps are < 2 * world <= u16::MAX, checked when the world is formed.
         step: op.step as u16,
         seq,
@@ -362,6 +389,7 @@ fn op_header(seq: u32, op: &SegmentOp, bcast: bool) -> Header {
 fn digest_header(seq: u32, step: usize, owner: usize, len: usize) -> Header {
     Header {
         kind: FrameKind::Digest,
+        wire: Wire::F32,
         step: step as u16,
         seq,
         chunk: owner as u32,
@@ -587,6 +615,55 @@ mod tests {
         }
     }
 
+    #[test]
+    fn allreduce_in_halves_is_identical_on_every_rank_and_near_the_f64_sum() {
+        for wire in [Wire::F16, Wire::Bf16] {
+            for (n, len, segment) in [(1, 9, 4), (2, 33, 5), (3, 1000, 64), (5, 4099, 7)] {
+                let data = inputs(n, len, 7 + n as u64);
+                let results = run_in_memory(world(n), segment, |mut comm| {
+                    comm.set_wire(wire);
+                    let mut buf = data[comm.rank().0].clone();
+                    async move { comm.allreduce_sum(&mut buf).await.map(|_| buf) }
+                });
+                let results: Vec<Vec<f32>> = results.into_iter().map(|r| r.unwrap()).collect();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for res in &results {
+                    assert_eq!(bits(res), bits(&results[0]), "{wire:?} n={n}");
+                }
+                // Each of the n - 1 partial sums sent (|s| <= k for inputs in [-1, 1]) and
+                // the final sum are rounded once to the wire: at most u * n(n+1)/2.
+                let u = wire.unit_roundoff();
+                let tol = u * (n * (n + 1)) as f64 / 2.0 + 1e-5 * n as f64;
+                for i in 0..len {
+                    let want: f64 = data.iter().map(|d| f64::from(d[i])).sum();
+                    let err = (f64::from(results[0][i]) - want).abs();
+                    assert!(
+                        err <= tol,
+                        "{wire:?} n={n} [{i}]: {} vs {want}",
+                        results[0][i]
+                    );
+                }
+                // A world of one sends nothing, so it rounds nothing.
+                let mut rounded = results[0].clone();
+                wire.round_in_place(&mut rounded);
+                let sent = if n == 1 { &data[0] } else { &rounded };
+                assert_eq!(bits(sent), bits(&results[0]), "{wire:?} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_rank_with_another_wire_is_out_of_step_not_silently_wrong() {
+        let results = run_in_memory(world(2), 8, |mut comm| {
+            if comm.rank().0 == 1 {
+                comm.set_wire(Wire::Bf16);
+            }
+            async move { comm.allreduce_sum(&mut [1.0; 16]).await }
+        });
+        let err = results[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("out of step") && err.contains("Bf16"), "{err}");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
@@ -648,6 +725,7 @@ mod tests {
             // Rank 1 sends an all-gather frame where a reduce-scatter one belongs.
             let h = Header {
                 kind: FrameKind::AllGather,
+                wire: Wire::F32,
                 step: 0,
                 seq: 1,
                 chunk: 1,

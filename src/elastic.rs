@@ -489,6 +489,7 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
         peer_timeout: cfg.peer_timeout,
         segment: cfg.segment,
         security,
+        wire: crate::frame::Wire::F32,
     };
     let status = PeerStatus {
         rank: me,

@@ -2,15 +2,18 @@
 //!
 //! ```text
 //! 0      1      2             4             8            12                  20          24
-//! | kind | 0    | step (u16)  | seq (u32)   | chunk (u32)| offset (u64)      | count (u32) | payload
+//! | kind | wire | step (u16)  | seq (u32)   | chunk (u32)| offset (u64)      | count (u32) | payload
 //! ```
 //!
 //! All integers are little-endian. `seq` numbers the collective operations of a run, so a
-//! frame from another operation is caught. The payload is `count` little-endian `f32`s, or,
-//! for [`FrameKind::Digest`], `count` raw bytes. Decoding never allocates from an untrusted
+//! frame from another operation is caught. The payload is `count` values in the [`Wire`]
+//! encoding (little-endian `f32`, or `f16`/`bf16` halves for `--compress`), or, for
+//! [`FrameKind::Digest`], `count` raw bytes. Decoding never allocates from an untrusted
 //! length: the payload is a slice of the bytes already received, checked against `count`.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 24;
@@ -38,12 +41,72 @@ impl FrameKind {
             _ => None,
         }
     }
+}
 
-    /// Bytes per payload element.
+/// How the values of a frame travel: full `f32`, or halved to 16 bits (`--compress`).
+///
+/// Halves are rounded to nearest (ties to even) when sent and widened exactly when
+/// received; sums are always accumulated in `f32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Wire {
+    /// Little-endian IEEE `f32`: exact.
+    #[default]
+    #[value(name = "none")]
+    F32 = 0,
+    /// IEEE half precision: 11 significant bits, range up to 65504.
+    #[value(name = "fp16")]
+    F16 = 1,
+    /// bfloat16: 8 significant bits, the whole `f32` range.
+    Bf16 = 2,
+}
+
+impl Wire {
+    fn from_u8(b: u8) -> Option<Wire> {
+        match b {
+            0 => Some(Wire::F32),
+            1 => Some(Wire::F16),
+            2 => Some(Wire::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per value.
     pub fn elem_size(self) -> usize {
         match self {
-            FrameKind::Digest => 1,
-            _ => 4,
+            Wire::F32 => 4,
+            Wire::F16 | Wire::Bf16 => 2,
+        }
+    }
+
+    /// The name used on the command line and in fingerprints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Wire::F32 => "none",
+            Wire::F16 => "fp16",
+            Wire::Bf16 => "bf16",
+        }
+    }
+
+    /// Relative rounding error of one value in this encoding (half an ulp).
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            Wire::F32 => f64::from(f32::EPSILON) / 2.0,
+            Wire::F16 => 2f64.powi(-11),
+            Wire::Bf16 => 2f64.powi(-8),
+        }
+    }
+
+    /// Replaces each value by the nearest value this encoding can carry, so that what a
+    /// rank keeps is exactly what its neighbours receive.
+    pub fn round_in_place(self, values: &mut [f32]) {
+        match self {
+            Wire::F32 => {}
+            Wire::F16 => values
+                .iter_mut()
+                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+            Wire::Bf16 => values
+                .iter_mut()
+                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
         }
     }
 }
@@ -53,6 +116,8 @@ impl FrameKind {
 pub struct Header {
     /// What the frame carries.
     pub kind: FrameKind,
+    /// How its values are encoded (always [`Wire::F32`] for digests).
+    pub wire: Wire,
     /// Ring step within the operation.
     pub step: u16,
     /// Sequence number of the collective operation.
@@ -74,9 +139,9 @@ pub enum FrameError {
     /// The kind byte is not one we know.
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
-    /// The reserved byte is not zero.
-    #[error("reserved header byte is {0}, expected 0")]
-    Reserved(u8),
+    /// The encoding byte is not one we know.
+    #[error("unknown value encoding {0}")]
+    UnknownWire(u8),
     /// The payload length disagrees with the header's count.
     #[error("frame says {count} elements ({expected} bytes) but carries {actual} payload bytes")]
     Length {
@@ -92,21 +157,47 @@ pub enum FrameError {
 impl Header {
     /// Payload length in bytes implied by `count`.
     pub fn payload_len(&self) -> u64 {
-        u64::from(self.count) * self.kind.elem_size() as u64
+        let size = match self.kind {
+            FrameKind::Digest => 1,
+            _ => self.wire.elem_size(),
+        };
+        u64::from(self.count) * size as u64
     }
 }
 
-/// Encodes a frame of `f32`s.
+/// Encodes a frame of `f32`s in the header's [`Wire`] encoding.
 pub fn encode_f32(header: Header, values: &[f32]) -> Bytes {
     debug_assert_eq!(
         header.count as usize,
         values.len(),
         "header count must match payload"
     );
-    let mut out = BytesMut::with_capacity(HEADER_LEN + 4 * values.len());
+    let mut out = BytesMut::with_capacity(HEADER_LEN + header.wire.elem_size() * values.len());
     put_header(&mut out, header);
-    put_f32s(&mut out, values);
+    match header.wire {
+        Wire::F32 => put_f32s(&mut out, values),
+        Wire::F16 => {
+            let mut halves = vec![f16::ZERO; values.len()];
+            halves.convert_from_f32_slice(values);
+            put_u16s(&mut out, halves.reinterpret_cast());
+        }
+        Wire::Bf16 => {
+            let mut halves = vec![bf16::ZERO; values.len()];
+            halves.convert_from_f32_slice(values);
+            put_u16s(&mut out, halves.reinterpret_cast());
+        }
+    }
     out.freeze()
+}
+
+fn put_u16s(out: &mut BytesMut, values: &[u16]) {
+    if cfg!(target_endian = "little") {
+        out.put_slice(bytemuck::cast_slice(values));
+    } else {
+        for v in values {
+            out.put_u16_le(*v);
+        }
+    }
 }
 
 /// Appends `values` as little-endian bytes: one bulk copy where that is the native order.
@@ -135,7 +226,7 @@ pub fn encode_bytes(header: Header, payload: &[u8]) -> Bytes {
 
 fn put_header(out: &mut BytesMut, h: Header) {
     out.put_u8(h.kind as u8);
-    out.put_u8(0);
+    out.put_u8(h.wire as u8);
     out.put_u16_le(h.step);
     out.put_u32_le(h.seq);
     out.put_u32_le(h.chunk);
@@ -157,14 +248,13 @@ pub fn decode(frame: &[u8]) -> Result<(Header, &[u8]), FrameError> {
 /// Parses a header and checks it against the number of payload bytes that follow it.
 fn decode_header(head: &[u8; HEADER_LEN], payload_len: usize) -> Result<Header, FrameError> {
     let kind = FrameKind::from_u8(head[0]).ok_or(FrameError::UnknownKind(head[0]))?;
-    if head[1] != 0 {
-        return Err(FrameError::Reserved(head[1]));
-    }
+    let wire = Wire::from_u8(head[1]).ok_or(FrameError::UnknownWire(head[1]))?;
     let u16_at = |i: usize| u16::from_le_bytes([head[i], head[i + 1]]);
     let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4 bytes"));
     let offset = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
     let header = Header {
         kind,
+        wire,
         step: u16_at(2),
         seq: u32_at(4),
         chunk: u32_at(8),
@@ -241,6 +331,7 @@ impl From<Bytes> for Pieces {
 #[derive(Debug, Clone, Copy)]
 pub struct Payload<'a> {
     pieces: &'a Pieces,
+    wire: Wire,
 }
 
 impl Payload<'_> {
@@ -254,16 +345,25 @@ impl Payload<'_> {
         self.len() == 0
     }
 
-    /// Adds the payload's little-endian `f32`s into `dst`, element by element, like
-    /// [`add_into`]. The caller has checked that `self.len() == 4 * dst.len()`.
+    /// Adds the payload's values into `dst`, element by element, like [`add_into`]
+    /// (halves are widened to `f32` first). The caller has checked that the payload holds
+    /// `dst.len()` values.
     pub fn add_into(&self, dst: &mut [f32]) {
-        self.apply(dst, add_into);
+        match self.wire {
+            Wire::F32 => self.apply(dst, 4, add_into),
+            Wire::F16 => self.apply(dst, 2, add_f16_into),
+            Wire::Bf16 => self.apply(dst, 2, add_bf16_into),
+        }
     }
 
-    /// Copies the payload's little-endian `f32`s into `dst`, like [`copy_into`].
-    /// The caller has checked that `self.len() == 4 * dst.len()`.
+    /// Copies the payload's values into `dst`, like [`copy_into`]. The caller has checked
+    /// that the payload holds `dst.len()` values.
     pub fn copy_into(&self, dst: &mut [f32]) {
-        self.apply(dst, copy_into);
+        match self.wire {
+            Wire::F32 => self.apply(dst, 4, copy_into),
+            Wire::F16 => self.apply(dst, 2, copy_f16_into),
+            Wire::Bf16 => self.apply(dst, 2, copy_bf16_into),
+        }
     }
 
     /// The payload's bytes in one buffer.
@@ -275,26 +375,26 @@ impl Payload<'_> {
         out
     }
 
-    /// Runs `kernel` over each piece's whole `f32`s; an `f32` split between two pieces is
-    /// put together first and goes through the same kernel.
-    fn apply(&self, dst: &mut [f32], kernel: fn(&mut [f32], &[u8])) {
-        debug_assert_eq!(self.len(), 4 * dst.len(), "invariant: payload fits dst");
+    /// Runs `kernel` over each piece's whole values of `width` bytes; a value split
+    /// between two pieces is put together first and goes through the same kernel.
+    fn apply(&self, dst: &mut [f32], width: usize, kernel: fn(&mut [f32], &[u8])) {
+        debug_assert_eq!(self.len(), width * dst.len(), "invariant: payload fits dst");
         let (mut at, mut carry, mut have) = (0, [0u8; 4], 0);
         for mut s in self.pieces.slices_from(HEADER_LEN) {
             if have > 0 {
-                let take = (4 - have).min(s.len());
+                let take = (width - have).min(s.len());
                 carry[have..have + take].copy_from_slice(&s[..take]);
                 (have, s) = (have + take, &s[take..]);
-                if have < 4 {
+                if have < width {
                     continue;
                 }
-                kernel(&mut dst[at..at + 1], &carry);
+                kernel(&mut dst[at..at + 1], &carry[..width]);
                 at += 1;
             }
-            let whole = s.len() / 4;
-            kernel(&mut dst[at..at + whole], &s[..4 * whole]);
+            let whole = s.len() / width;
+            kernel(&mut dst[at..at + whole], &s[..width * whole]);
             at += whole;
-            let rest = &s[4 * whole..];
+            let rest = &s[width * whole..];
             carry[..rest.len()].copy_from_slice(rest);
             have = rest.len();
         }
@@ -317,7 +417,14 @@ pub fn decode_pieces(frame: &Pieces) -> Result<(Header, Payload<'_>), FrameError
         }
     }
     let header = decode_header(&head, frame.len - HEADER_LEN)?;
-    Ok((header, Payload { pieces: frame }))
+    let wire = header.wire;
+    Ok((
+        header,
+        Payload {
+            pieces: frame,
+            wire,
+        },
+    ))
 }
 
 /// Adds little-endian `f32`s from `payload` into `dst`, element by element.
@@ -338,6 +445,30 @@ pub fn copy_into(dst: &mut [f32], payload: &[u8]) {
     }
 }
 
+fn add_f16_into(dst: &mut [f32], payload: &[u8]) {
+    for (d, b) in dst.iter_mut().zip(payload.chunks_exact(2)) {
+        *d += f16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
+}
+
+fn copy_f16_into(dst: &mut [f32], payload: &[u8]) {
+    for (d, b) in dst.iter_mut().zip(payload.chunks_exact(2)) {
+        *d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
+}
+
+fn add_bf16_into(dst: &mut [f32], payload: &[u8]) {
+    for (d, b) in dst.iter_mut().zip(payload.chunks_exact(2)) {
+        *d += bf16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
+}
+
+fn copy_bf16_into(dst: &mut [f32], payload: &[u8]) {
+    for (d, b) in dst.iter_mut().zip(payload.chunks_exact(2)) {
+        *d = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +477,7 @@ mod tests {
     fn header(count: u32) -> Header {
         Header {
             kind: FrameKind::AllGather,
+            wire: Wire::F32,
             step: 3,
             seq: 9,
             chunk: 2,
@@ -374,8 +506,8 @@ mod tests {
         bytes[0] = 77;
         assert_eq!(decode(&bytes), Err(FrameError::UnknownKind(77)));
         bytes[0] = 2;
-        bytes[1] = 1;
-        assert_eq!(decode(&bytes), Err(FrameError::Reserved(1)));
+        bytes[1] = 7;
+        assert_eq!(decode(&bytes), Err(FrameError::UnknownWire(7)));
         bytes[1] = 0;
         bytes.push(0);
         assert!(matches!(
@@ -438,6 +570,37 @@ mod tests {
         assert_eq!(Err(err), decode(&bytes).map(|_| ()));
     }
 
+    #[test]
+    fn halves_round_to_nearest_and_the_sender_keeps_what_it_sent() {
+        for wire in [Wire::F16, Wire::Bf16] {
+            let vals = [1.0f32, -3.0e-3, 1.0 + 1.0 / 1024.0, 300.7, 0.0];
+            let h = Header { wire, ..header(5) };
+            let bytes = encode_f32(h, &vals);
+            assert_eq!(bytes.len(), HEADER_LEN + 10);
+            let pieces = cut(&bytes, vec![HEADER_LEN + 1, HEADER_LEN + 5]);
+            let (got, payload) = decode_pieces(&pieces).unwrap();
+            assert_eq!(got, h);
+            let mut out = [0f32; 5];
+            payload.copy_into(&mut out);
+            let mut kept = vals;
+            wire.round_in_place(&mut kept);
+            assert_eq!(out.map(f32::to_bits), kept.map(f32::to_bits), "{wire:?}");
+            for (o, v) in out.iter().zip(vals) {
+                let err = f64::from((o - v).abs());
+                assert!(
+                    err <= wire.unit_roundoff() * f64::from(v.abs()),
+                    "{wire:?} {v}"
+                );
+            }
+            // Sending rounded values again is exact.
+            let again = encode_f32(h, &kept);
+            assert_eq!(again, encode_f32(h, &out));
+            let mut sum = [1.0f32; 5];
+            payload.add_into(&mut sum);
+            assert_eq!(sum, kept.map(|k| 1.0 + k));
+        }
+    }
+
     proptest! {
         #[test]
         fn any_cut_of_a_frame_reduces_bit_for_bit_like_one_buffer(
@@ -447,13 +610,23 @@ mod tests {
         ) {
             let n = vals.len();
             let bytes = encode_f32(header(n as u32), &vals);
+            let half = encode_f32(Header { wire: Wire::Bf16, ..header(n as u32) }, &vals);
+            let half_pieces = cut(&half, at.clone());
+            let (_, half_payload) = decode_pieces(&half_pieces).unwrap();
+            let mut rounded = vals.clone();
+            Wire::Bf16.round_in_place(&mut rounded);
+            let mut widened = vec![0f32; n];
+            half_payload.copy_into(&mut widened);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            // NaN payloads may be quietened; compare the numbers only.
+            let finite = |v: &[f32]| v.iter().map(|x| if x.is_nan() { 0 } else { x.to_bits() }).collect::<Vec<_>>();
+            prop_assert_eq!(finite(&widened), finite(&rounded));
             let (_, whole) = decode(&bytes).unwrap();
             let pieces = cut(&bytes, at);
             let (_, payload) = decode_pieces(&pieces).unwrap();
             let (mut a, mut b) = (base[..n].to_vec(), base[..n].to_vec());
             add_into(&mut a, whole);
             payload.add_into(&mut b);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             prop_assert_eq!(bits(&a), bits(&b));
             copy_into(&mut a, whole);
             payload.copy_into(&mut b);

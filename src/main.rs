@@ -148,6 +148,9 @@ fn resolve_rank(args: &TrainArgs, hosts: &std::path::Path) -> anyhow::Result<(us
 
 fn run_rank(args: &TrainArgs, config_note: Option<&str>) -> anyhow::Result<u8> {
     if args.job.is_some() || args.task.is_some() {
+        if args.opts.compress != ringtrain::frame::Wire::F32 {
+            bail!("--compress applies only to the ring; drop it for --job ps|worker");
+        }
         return run_task(args);
     }
     let Some(hosts) = &args.hosts else {
@@ -204,8 +207,12 @@ fn run_launch(args: &LaunchArgs) -> anyhow::Result<u8> {
     if args.np == 0 {
         bail!("--np must be at least 1");
     }
+    let compressed = args.opts.compress != ringtrain::frame::Wire::F32;
     match args.mode {
         LaunchMode::Ring if args.ps.is_some() => bail!("--ps applies only to --mode ps"),
+        LaunchMode::Ps | LaunchMode::InGraph if compressed => {
+            bail!("--compress applies only to --mode ring; drop it for this mode")
+        }
         LaunchMode::Ring => {}
         LaunchMode::Ps => return launch_ps(args),
         LaunchMode::InGraph => return launch_in_graph(args),

@@ -273,6 +273,7 @@ impl Setup {
             peer_timeout: cfg.peer_timeout,
             segment: cfg.segment,
             security,
+            wire: crate::frame::Wire::F32,
         };
         Ok(Setup {
             data,

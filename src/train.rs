@@ -54,6 +54,8 @@ pub struct TrainConfig {
     pub peer_timeout: Duration,
     /// All-reduce segment size in elements.
     pub segment: usize,
+    /// How gradients travel on the ring (`--compress`).
+    pub compress: crate::frame::Wire,
     /// Where the summary JSON goes, if anywhere.
     pub metrics_out: Option<PathBuf>,
     /// Where the Chrome trace goes (each rank inserts `.rankN`, see [`crate::timeline`]).
@@ -93,6 +95,7 @@ impl Default for TrainConfig {
             connect_timeout: Duration::from_secs(60),
             peer_timeout: Duration::from_secs(10),
             segment: crate::collective::DEFAULT_SEGMENT,
+            compress: crate::frame::Wire::F32,
             metrics_out: None,
             timeline: None,
             save: None,
@@ -280,6 +283,7 @@ pub fn fingerprint(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<S
     f.insert("steps".into(), format!("{:?}", cfg.steps));
     f.insert("check_every".into(), cfg.check_every.to_string());
     f.insert("segment".into(), cfg.segment.to_string());
+    f.insert("compress".into(), cfg.compress.name().into());
     f
 }
 
@@ -359,6 +363,7 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
         peer_timeout: cfg.peer_timeout,
         segment: cfg.segment,
         security,
+        wire: cfg.compress,
     };
     let timeline = match cfg.timeline {
         Some(_) => Timeline::enabled(rank.0),

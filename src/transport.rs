@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{AuthError, SERVER_NAME, Security};
 use crate::collective::{CommError, Communicator, Peer, RecvLink, SendLink};
-use crate::frame::Pieces;
+use crate::frame::{Pieces, Wire};
 use crate::ring::{Rank, WorldSize};
 use crate::timeline::Timeline;
 
@@ -180,6 +180,8 @@ pub struct TransportOptions {
     /// Who may connect: holders of a cluster credential, or anyone
     /// (see [`Security::resolve`] for when the latter is allowed).
     pub security: Security,
+    /// How all-reduce values travel (`--compress`); every rank must use the same.
+    pub wire: Wire,
 }
 
 /// What a rank tells its neighbour when they connect.
@@ -754,6 +756,8 @@ async fn accept_prev(
 /// A request from the training loop to the communication thread.
 enum Request {
     AllReduce(Vec<f32>),
+    /// An all-reduce in full `f32` whatever `--compress` says (measurements, counters).
+    AllReduceF32(Vec<f32>),
     Broadcast(Vec<f32>),
     CheckSame(Vec<u8>),
 }
@@ -845,6 +849,13 @@ impl CommHandle {
     /// Sums `buf` over all ranks (see [`Communicator::allreduce_sum`]).
     pub fn allreduce_sum(&mut self, buf: Vec<f32>) -> Result<Vec<f32>, CommError> {
         self.call(Request::AllReduce(buf))
+    }
+
+    /// Sums `buf` over all ranks with every value sent in full `f32`, whatever
+    /// [`TransportOptions::wire`] says: for counters and measurements that must not be
+    /// rounded.
+    pub fn allreduce_sum_f32(&mut self, buf: Vec<f32>) -> Result<Vec<f32>, CommError> {
+        self.call(Request::AllReduceF32(buf))
     }
 
     /// Replaces `buf` by rank 0's.
@@ -991,7 +1002,8 @@ async fn form_ring(
         stream: recv,
         max_frame,
     };
-    let comm = Communicator::new(place.rank, world, tx, rx, opts.segment);
+    let mut comm = Communicator::new(place.rank, world, tx, rx, opts.segment);
+    comm.set_wire(opts.wire);
     Ok((Some(ep), Some((out_conn, in_conn, comm))))
 }
 
@@ -1046,12 +1058,19 @@ async fn serve(links: &mut Links, req: Request, _world: WorldSize) -> Reply {
     let Some((_, _, comm)) = links.as_mut() else {
         // A world of one: every collective is the identity.
         return match req {
-            Request::AllReduce(b) | Request::Broadcast(b) => Ok((b, 0)),
+            Request::AllReduce(b) | Request::AllReduceF32(b) | Request::Broadcast(b) => Ok((b, 0)),
             Request::CheckSame(_) => Ok((Vec::new(), 0)),
         };
     };
     let out = match req {
         Request::AllReduce(mut b) => comm.allreduce_sum(&mut b).await.map(|_| b),
+        Request::AllReduceF32(mut b) => {
+            let wire = comm.wire();
+            comm.set_wire(Wire::F32);
+            let out = comm.allreduce_sum(&mut b).await.map(|_| b);
+            comm.set_wire(wire);
+            out
+        }
         Request::Broadcast(mut b) => comm.broadcast(&mut b).await.map(|_| b),
         Request::CheckSame(d) => comm.check_same(&d).await.map(|_| Vec::new()),
     };

@@ -37,6 +37,7 @@ fn options(security: Security) -> TransportOptions {
         peer_timeout: Duration::from_secs(5),
         segment: 64,
         security,
+        wire: ringtrain::frame::Wire::F32,
     }
 }
 

@@ -72,6 +72,7 @@ fn first_expected() -> Header {
     let op = &plan.recvs[0];
     Header {
         kind: FrameKind::ReduceScatter,
+        wire: frame::Wire::F32,
         step: op.step as u16,
         seq: 1,
         chunk: op.chunk as u32,
@@ -154,6 +155,7 @@ fn options(credential: &Arc<Credential>) -> transport::TransportOptions {
         peer_timeout: Duration::from_secs(5),
         segment: SEGMENT,
         security: Security::Cluster(credential.clone()),
+        wire: frame::Wire::F32,
     }
 }
 

@@ -415,7 +415,10 @@ fn a_killed_worker_stops_the_others_within_the_peer_timeout() {
                 "--peer-timeout",
                 "2",
             ])
-            .args(["--connect-timeout", "20"])
+            // Nobody reads the pipes until the process ends: a progress line every 20
+            // steps filled the 64 KiB pipe within two seconds, and the blocked chief then
+            // never got to notice the lost worker.
+            .args(["--connect-timeout", "20", "--log-every", "1000000"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -17,6 +17,7 @@ fn opts(segment: usize) -> TransportOptions {
         peer_timeout: Duration::from_secs(10),
         segment,
         security: Security::Unauthenticated,
+        wire: ringtrain::frame::Wire::F32,
     }
 }
 

@@ -28,6 +28,7 @@ use super::{BenchError, List, Size};
 use crate::auth::{Credential, Security};
 use crate::collective::DEFAULT_SEGMENT;
 use crate::emulate::{Cluster, LinkArgs, LinkSpec};
+use crate::frame::Wire;
 use crate::hosts::Hosts;
 use crate::launch;
 use crate::ring::Rank;
@@ -63,6 +64,10 @@ pub struct AllreduceArgs {
     /// Segment size in f32 elements (frames are pipelined per segment).
     #[arg(long, default_value_t = DEFAULT_SEGMENT)]
     pub segment: usize,
+    /// Send values as 16-bit fp16 or bf16 (sums still in f32); results are then checked
+    /// against the rounding bound instead of exactly.
+    #[arg(long, value_enum, default_value = "none", value_name = "WIRE")]
+    pub compress: Wire,
     /// Write one JSON record per size to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -101,6 +106,9 @@ pub struct AllreduceRecord {
     pub warmup: u32,
     /// Segment size in elements.
     pub segment: usize,
+    /// Value encoding on the wire: `none` (f32), `fp16` or `bf16`.
+    #[serde(default = "no_compression")]
+    pub compress: String,
     /// Median over iterations of the slowest rank's time.
     pub time_ms_median: f64,
     /// The fastest iteration (slowest rank's time).
@@ -259,6 +267,7 @@ fn rank_flags(args: &AllreduceArgs, hosts: &Path, rank: usize, result: &Path) ->
     flag("iters", args.iters.to_string());
     flag("warmup", args.warmup.to_string());
     flag("segment", args.segment.to_string());
+    flag("compress", args.compress.name().to_string());
     flag("connect-timeout", args.connect_timeout.to_string());
     flag("peer-timeout", args.peer_timeout.to_string());
     if let Some(key) = &args.key {
@@ -282,9 +291,13 @@ fn describe(np: usize, args: &AllreduceArgs, link: Option<&LinkSpec>) -> String 
         (None, Some(h)) => format!("hosts from {}", h.display()),
         (None, None) => "127.0.0.1".into(),
     };
+    let wire = match args.compress {
+        Wire::F32 => String::new(),
+        w => format!("; values sent as {}", w.name()),
+    };
     format!(
-        "ringtrain all-reduce: {np} ranks on {place}; segment {} elements; {} iterations \
-         after {} warm-up",
+        "ringtrain all-reduce: {np} ranks on {place}; segment {} elements{wire}; {} \
+         iterations after {} warm-up",
         args.segment, args.iters, args.warmup
     )
 }
@@ -297,6 +310,7 @@ fn fingerprint(args: &AllreduceArgs) -> BTreeMap<String, String> {
     f.insert("iters".into(), args.iters.to_string());
     f.insert("warmup".into(), args.warmup.to_string());
     f.insert("segment".into(), args.segment.to_string());
+    f.insert("compress".into(), args.compress.name().into());
     f
 }
 
@@ -323,6 +337,7 @@ fn run_rank(
         peer_timeout: secs(args.peer_timeout),
         segment: args.segment,
         security,
+        wire: args.compress,
     };
     let place = RingPlace {
         rank: Rank(rank),
@@ -368,13 +383,14 @@ fn measure(
 ) -> Result<AllreduceRecord, BenchError> {
     let elements = (size.0 / 4) as usize;
     let expected = expected_row(world);
+    let tol = tolerance(args.compress, world);
     let mut buf = vec![0f32; elements];
     let mut mine = RankSample::default();
 
     for _ in 0..args.warmup {
         fill(&mut buf, rank);
         buf = comm.allreduce_sum(buf)?;
-        mine.bad += count_wrong(&buf, &expected, rank, size);
+        mine.bad += count_wrong(&buf, &expected, tol, rank, size);
     }
     let sent0 = comm.bytes_sent();
     let cpu0 = CpuSample::now();
@@ -383,7 +399,7 @@ fn measure(
         let t = Instant::now();
         buf = comm.allreduce_sum(buf)?;
         mine.times.push(t.elapsed().as_secs_f64());
-        mine.bad += count_wrong(&buf, &expected, rank, size);
+        mine.bad += count_wrong(&buf, &expected, tol, rank, size);
     }
     mine.cpu = CpuSample::now().comm_secs_since(&cpu0);
     mine.bytes = (comm.bytes_sent() - sent0) as f64;
@@ -434,7 +450,8 @@ fn gather(
     out[iters] = mine.cpu as f32;
     out[iters + 1] = mine.bytes as f32;
     out[iters + 2] = mine.bad as f32;
-    let v = comm.allreduce_sum(v)?;
+    // Counts and times must not be rounded to a 16-bit wire.
+    let v = comm.allreduce_sum_f32(v)?;
     let samples = v
         .chunks_exact(slot)
         .map(|s| RankSample {
@@ -474,6 +491,7 @@ fn summarize(
         iters: args.iters,
         warmup: args.warmup,
         segment: args.segment,
+        compress: args.compress.name().into(),
         time_ms_median: t * 1e3,
         time_ms_min: t_min * 1e3,
         algbw,
@@ -515,12 +533,30 @@ fn fill(buf: &mut [f32], rank: usize) {
     }
 }
 
-/// Counts elements that differ from the expected sums, logging the first.
-fn count_wrong(buf: &[f32], expected: &[f32], rank: usize, size: Size) -> u64 {
+fn no_compression() -> String {
+    Wire::F32.name().into()
+}
+
+/// How far a sum of [`pattern`] values may be from the exact one: 0 in `f32` (every
+/// partial sum is an exact small integer); with a 16-bit wire, each of the `world - 1`
+/// partial sums sent (at most k times the largest value after k ranks) and the final sum
+/// are rounded once, each by at most the wire's unit roundoff.
+fn tolerance(wire: Wire, world: usize) -> f32 {
+    if wire == Wire::F32 {
+        return 0.0;
+    }
+    let largest = (PERIOD - 1 + 63) as f64;
+    let sums = (world * (world + 1) / 2) as f64;
+    (wire.unit_roundoff() * largest * sums) as f32
+}
+
+/// Counts elements further than `tol` from the expected sums, logging the first.
+fn count_wrong(buf: &[f32], expected: &[f32], tol: f32, rank: usize, size: Size) -> u64 {
     let mut bad = 0u64;
     for (c, chunk) in buf.chunks(PERIOD).enumerate() {
         for (j, (got, want)) in chunk.iter().zip(expected).enumerate() {
-            if got != want {
+            let off = (got - want).abs();
+            if off > tol || off.is_nan() {
                 if bad == 0 {
                     let index = c * PERIOD + j;
                     error!(
@@ -627,9 +663,26 @@ mod tests {
             sum.iter_mut().zip(&buf).for_each(|(s, b)| *s += b);
         }
         let expected = expected_row(world);
-        assert_eq!(count_wrong(&sum, &expected, 0, Size(4000)), 0);
+        assert_eq!(count_wrong(&sum, &expected, 0.0, 0, Size(4000)), 0);
         sum.swap(3, 4);
-        assert_eq!(count_wrong(&sum, &expected, 0, Size(4000)), 2);
+        assert_eq!(count_wrong(&sum, &expected, 0.0, 0, Size(4000)), 2);
+    }
+
+    #[test]
+    fn a_16_bit_wire_is_checked_against_its_rounding_bound() {
+        let world = 4;
+        assert_eq!(tolerance(Wire::F32, world), 0.0);
+        let tol = tolerance(Wire::Bf16, world);
+        // bf16 keeps 8 significant bits: sums near 1000 are off by up to 2 each rounding.
+        assert!(tol > 4.0 && tol < 20.0, "{tol}");
+        assert!(tolerance(Wire::F16, world) < tol / 4.0);
+        let expected = expected_row(world);
+        let mut got = expected.clone();
+        Wire::Bf16.round_in_place(&mut got);
+        assert_eq!(count_wrong(&got, &expected, tol, 0, Size(1004)), 0);
+        got[5] += 2.0 * tol;
+        got[6] = f32::NAN;
+        assert_eq!(count_wrong(&got, &expected, tol, 0, Size(1004)), 2);
     }
 
     fn args() -> AllreduceArgs {

@@ -364,6 +364,7 @@ mod tests {
             peer_timeout: Duration::from_secs(2),
             segment: 1024,
             security: crate::auth::Security::Unauthenticated,
+            wire: crate::frame::Wire::F32,
         }
     }
 
