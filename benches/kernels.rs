@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the kernels under every step: the reduce kernel against a plain
-//! memcpy of the same bytes, frame encode and decode, and one MLP training step.
+//! memcpy of the same bytes, the reduce over a frame received in packet-sized pieces,
+//! frame encode and decode (f32 and bf16), and one MLP training step.
 //!
 //! Run with `cargo bench --bench kernels`; each group measures for about a second, so
 //! the whole file takes well under a minute.
@@ -8,7 +9,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ringtrain::frame::{self, FrameKind, Header};
+use ringtrain::frame::{self, FrameKind, Header, Wire};
 use ringtrain::model::{Mlp, Workspace};
 use ringtrain::optim::{OptimConfig, Optimizer};
 
@@ -32,6 +33,7 @@ fn same_page_offset<'a>(space: &'a mut [u8], src: &[u8]) -> &'a mut [u8] {
 fn header(count: usize) -> Header {
     Header {
         kind: FrameKind::ReduceScatter,
+        wire: Wire::F32,
         step: 0,
         seq: 1,
         chunk: 0,
@@ -64,6 +66,31 @@ fn reduce(c: &mut Criterion) {
     g.finish();
 }
 
+/// The reduce as the QUIC link runs it: a frame received in pieces of one 1452-byte
+/// packet's stream data (most of them splitting an f32), in f32 and in the 16-bit wires.
+fn reduce_pieces(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reduce_pieces");
+    let n = ELEMENTS[1];
+    g.throughput(Throughput::Bytes(4 * n as u64));
+    for wire in [Wire::F32, Wire::Bf16, Wire::F16] {
+        let h = Header { wire, ..header(n) };
+        let encoded = frame::encode_f32(h, &values(n));
+        let mut pieces = frame::Pieces::new();
+        for part in encoded.chunks(1421) {
+            pieces.push(bytes::Bytes::copy_from_slice(part));
+        }
+        let mut dst = values(n);
+        let name = format!("add_into_{}", wire.name());
+        g.bench_with_input(BenchmarkId::new(name, n), &pieces, |b, p| {
+            b.iter(|| {
+                let (_, payload) = frame::decode_pieces(black_box(p)).expect("valid frame");
+                payload.add_into(black_box(&mut dst));
+            })
+        });
+    }
+    g.finish();
+}
+
 /// Frame encoding (header plus f32 payload) and decoding (header checks, payload slice).
 fn frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame");
@@ -72,6 +99,13 @@ fn frames(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(4 * n as u64));
         g.bench_with_input(BenchmarkId::new("encode_f32", n), &v, |b, v| {
             b.iter(|| frame::encode_f32(header(n), black_box(v)))
+        });
+        let bf16 = Header {
+            wire: Wire::Bf16,
+            ..header(n)
+        };
+        g.bench_with_input(BenchmarkId::new("encode_bf16", n), &v, |b, v| {
+            b.iter(|| frame::encode_f32(bf16, black_box(v)))
         });
         let encoded = frame::encode_f32(header(n), &v);
         g.bench_with_input(BenchmarkId::new("decode", n), &encoded, |b, f| {
@@ -117,6 +151,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = kernels;
     config = config();
-    targets = reduce, frames, train_step
+    targets = reduce, reduce_pieces, frames, train_step
 }
 criterion_main!(kernels);
