@@ -41,6 +41,8 @@ use crate::frame::{Pieces, Wire};
 use crate::ring::{Rank, WorldSize};
 use crate::timeline::Timeline;
 
+mod window_cap;
+
 /// Version of the wire protocol; ranks with different versions refuse each other.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -407,6 +409,11 @@ fn with_injected_loss(
 /// Largest UDP payload on loopback: one datagram carries about 64 KB of stream data.
 pub const LOOPBACK_UDP_PAYLOAD: u16 = 65000;
 
+/// The largest congestion window on loopback, kept below what the receiver's socket buffer
+/// holds (see `window_cap`): with 4 MiB requested (8 MiB granted), 2 MiB left no datagram
+/// dropped by a full buffer at N = 2, 4 and 8, where an uncapped window lost hundreds.
+pub const LOOPBACK_WINDOW_CAP: u64 = 2 << 20;
+
 /// Upper bound of MTU discovery on other paths. Jumbo-frame networks get packets this large;
 /// quinn batches up to ten packets per GSO send, and batches over 64 KiB are dropped
 /// silently, so the bound stays near 6500 bytes.
@@ -436,7 +443,10 @@ fn tune_packet_size(t: &mut quinn::TransportConfig, addr: SocketAddr) {
         t.enable_segmentation_offload(false);
         let mut cubic = quinn::congestion::CubicConfig::default();
         cubic.initial_window(1 << 20);
-        t.congestion_controller_factory(Arc::new(cubic));
+        t.congestion_controller_factory(Arc::new(window_cap::CappedFactory {
+            inner: Arc::new(cubic),
+            cap: LOOPBACK_WINDOW_CAP,
+        }));
     } else {
         let mut discovery = quinn::MtuDiscoveryConfig::default();
         discovery.upper_bound(MAX_DISCOVERED_UDP_PAYLOAD);
