@@ -157,6 +157,15 @@ pub struct TrainOpts {
     /// All-reduce segment size in f32 elements (frames are pipelined per segment).
     #[arg(long, default_value_t = crate::collective::DEFAULT_SEGMENT)]
     pub segment: usize,
+    /// Gradient bucket size: the gradient is all-reduced in buckets of whole tensors of at
+    /// least BYTES each (4096, 256K, 1M), last layer first; must match on every rank.
+    #[arg(long, value_name = "BYTES",
+          default_value_t = crate::bench::Size(crate::train::DEFAULT_BUCKET_SIZE))]
+    pub bucket_size: crate::bench::Size,
+    /// All-reduce the buckets after the whole backward pass instead of starting each one
+    /// as soon as backward has finished it (the results are bit-for-bit the same).
+    #[arg(long)]
+    pub no_overlap: bool,
     /// Write the run's summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub metrics_out: Option<PathBuf>,
@@ -243,6 +252,8 @@ impl TrainOpts {
             key: self.key.clone(),
             insecure: self.insecure,
             elastic: self.elastic,
+            bucket_size: self.bucket_size.0,
+            overlap: !self.no_overlap,
         })
     }
 
@@ -271,6 +282,7 @@ impl TrainOpts {
         flag("connect-timeout", self.connect_timeout.to_string());
         flag("peer-timeout", self.peer_timeout.to_string());
         flag("segment", self.segment.to_string());
+        flag("bucket-size", self.bucket_size.to_string());
         flag("checkpoint-every", self.checkpoint_every.to_string());
         flag("keep-checkpoints", self.keep_checkpoints.to_string());
         if let Some(dir) = &self.checkpoint_dir {
@@ -303,6 +315,9 @@ impl TrainOpts {
         }
         if self.elastic {
             a.push("--elastic".into());
+        }
+        if self.no_overlap {
+            a.push("--no-overlap".into());
         }
         a.push(format!("--ps-strategy={}", self.ps_strategy).into());
         a.push(format!("--ps-sync={}", self.ps_sync).into());
