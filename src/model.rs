@@ -334,14 +334,14 @@ impl Mlp {
         ws.grow_deltas(&self.layers, batch);
         output_delta(rows_mut(&mut ws.outputs[last], batch, self.classes()), y);
         for l in (0..=last).rev() {
-            self.backward_layer(l, params, x, ws, grad, batch);
-            let s = self.span(l);
-            ready(s.weight..s.end(), grad);
+            self.backward_layer(l, params, x, ws, grad, batch, &mut ready);
         }
     }
 
-    /// Writes layer `l`'s weight and bias gradients from its output delta, then (below the
-    /// first layer) the delta of layer `l - 1`.
+    /// Writes layer `l`'s weight and bias gradients from its output delta, reports them to
+    /// `ready`, then (below the first layer) computes the delta of layer `l - 1`: a caller
+    /// that sends the gradient away overlaps that with the product for the layer below.
+    #[allow(clippy::too_many_arguments)] // the borrows of one backward step, kept apart
     fn backward_layer(
         &self,
         l: usize,
@@ -350,6 +350,7 @@ impl Mlp {
         ws: &mut Workspace,
         grad: &mut [f32],
         batch: usize,
+        ready: &mut impl FnMut(std::ops::Range<usize>, &[f32]),
     ) {
         let s = self.span(l);
         let (below, here) = ws.deltas.split_at_mut(l);
@@ -366,6 +367,7 @@ impl Mlp {
         let (mut gw, gb) = s.grads(grad);
         general_mat_mul(1.0, &input.t(), &delta, 0.0, &mut gw);
         sum_rows(&delta, gb);
+        ready(s.weight..s.end(), grad);
 
         if let Some(prev) = below.last_mut() {
             let mut prev = rows_mut(prev, batch, s.inputs);
