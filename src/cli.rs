@@ -157,15 +157,6 @@ pub struct TrainOpts {
     /// All-reduce segment size in f32 elements (frames are pipelined per segment).
     #[arg(long, default_value_t = crate::collective::DEFAULT_SEGMENT)]
     pub segment: usize,
-    /// Gradient bucket size: the gradient is all-reduced in buckets of whole tensors of at
-    /// least BYTES each (4096, 256K, 1M), last layer first; must match on every rank.
-    #[arg(long, value_name = "BYTES",
-          default_value_t = crate::bench::Size(crate::train::DEFAULT_BUCKET_SIZE))]
-    pub bucket_size: crate::bench::Size,
-    /// All-reduce the buckets after the whole backward pass instead of starting each one
-    /// as soon as backward has finished it (the results are bit-for-bit the same).
-    #[arg(long)]
-    pub no_overlap: bool,
     /// Write the run's summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub metrics_out: Option<PathBuf>,
@@ -205,6 +196,15 @@ pub struct TrainOpts {
     /// restarted ranks rejoin; the global batch follows the ring's size (see the README).
     #[arg(long)]
     pub elastic: bool,
+    /// Gradient bucket size: the gradient is all-reduced in buckets of whole tensors of at
+    /// least BYTES each (4096, 256K, 1M), last layer first; must match on every rank.
+    #[arg(long, value_name = "BYTES",
+          default_value_t = crate::bench::Size(crate::train::DEFAULT_BUCKET_SIZE))]
+    pub bucket_size: crate::bench::Size,
+    /// All-reduce the buckets after the whole backward pass instead of starting each one
+    /// as soon as backward has finished it (the results are bit-for-bit the same).
+    #[arg(long)]
+    pub no_overlap: bool,
     /// Parameter-server mode: how variables are placed on the ps tasks, `round-robin` by
     /// tensor or `greedy` by bytes.
     #[arg(long, default_value = "round-robin", value_name = "STRATEGY")]
@@ -282,9 +282,9 @@ impl TrainOpts {
         flag("connect-timeout", self.connect_timeout.to_string());
         flag("peer-timeout", self.peer_timeout.to_string());
         flag("segment", self.segment.to_string());
-        flag("bucket-size", self.bucket_size.to_string());
         flag("checkpoint-every", self.checkpoint_every.to_string());
         flag("keep-checkpoints", self.keep_checkpoints.to_string());
+        flag("bucket-size", self.bucket_size.to_string());
         if let Some(dir) = &self.checkpoint_dir {
             a.push("--checkpoint-dir".into());
             a.push(dir.clone().into_os_string());

@@ -289,11 +289,11 @@ pub fn fingerprint(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<S
     let mut f = run_identity(cfg, model, data);
     f.insert("epochs".into(), cfg.epochs.to_string());
     f.insert("steps".into(), format!("{:?}", cfg.steps));
-    f.insert("check_every".into(), cfg.check_every.to_string());
-    f.insert("segment".into(), cfg.segment.to_string());
     // The bucket layout decides how many all-reduces a step makes and their lengths;
     // overlap only decides when they start, so ranks may differ in it.
     f.insert("bucket_size".into(), cfg.bucket_size.to_string());
+    f.insert("check_every".into(), cfg.check_every.to_string());
+    f.insert("segment".into(), cfg.segment.to_string());
     f
 }
 

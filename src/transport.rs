@@ -741,14 +741,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A request from the training loop to the communication thread.
 enum Request {
     AllReduce(Vec<f32>),
+    Broadcast(Vec<f32>),
+    CheckSame(Vec<u8>),
     /// A gradient bucket: `range` is where it sits in the whole gradient, folded into the
     /// bucket-order digest that [`Request::CheckOrder`] compares across ranks.
     Bucket {
         buf: Vec<f32>,
         range: std::ops::Range<usize>,
     },
-    Broadcast(Vec<f32>),
-    CheckSame(Vec<u8>),
     CheckOrder,
 }
 
@@ -887,6 +887,16 @@ impl CommHandle {
         self.call(Request::AllReduce(buf))
     }
 
+    /// Replaces `buf` by rank 0's.
+    pub fn broadcast(&mut self, buf: Vec<f32>) -> Result<Vec<f32>, CommError> {
+        self.call(Request::Broadcast(buf))
+    }
+
+    /// Fails with [`CommError::Diverged`] unless every rank passes the same `digest`.
+    pub fn check_same(&mut self, digest: &[u8]) -> Result<(), CommError> {
+        self.call(Request::CheckSame(digest.to_vec())).map(|_| ())
+    }
+
     /// Queues the sum of gradient bucket `buf` over all ranks and returns without waiting.
     ///
     /// `range` says where the bucket sits in the whole gradient (`buf` may be longer, e.g.
@@ -906,16 +916,6 @@ impl CommHandle {
     /// buckets in the same order so far.
     pub fn check_bucket_order(&mut self) -> Result<(), CommError> {
         self.call(Request::CheckOrder).map(|_| ())
-    }
-
-    /// Replaces `buf` by rank 0's.
-    pub fn broadcast(&mut self, buf: Vec<f32>) -> Result<Vec<f32>, CommError> {
-        self.call(Request::Broadcast(buf))
-    }
-
-    /// Fails with [`CommError::Diverged`] unless every rank passes the same `digest`.
-    pub fn check_same(&mut self, digest: &[u8]) -> Result<(), CommError> {
-        self.call(Request::CheckSame(digest.to_vec())).map(|_| ())
     }
 
     /// Ends the run cleanly: waits until the neighbours have everything, then closes.
@@ -1120,16 +1120,16 @@ async fn serve(
         // A world of one: every collective is the identity.
         return match req {
             Request::AllReduce(b) | Request::Broadcast(b) => Ok((b, 0)),
+            Request::CheckSame(_) => Ok((Vec::new(), 0)),
             Request::Bucket { buf, .. } => Ok((buf, 0)),
-            Request::CheckSame(_) | Request::CheckOrder => Ok((Vec::new(), 0)),
+            Request::CheckOrder => Ok((Vec::new(), 0)),
         };
     };
     let out = match req {
-        Request::AllReduce(mut b) | Request::Bucket { buf: mut b, .. } => {
-            comm.allreduce_sum(&mut b).await.map(|_| b)
-        }
+        Request::AllReduce(mut b) => comm.allreduce_sum(&mut b).await.map(|_| b),
         Request::Broadcast(mut b) => comm.broadcast(&mut b).await.map(|_| b),
         Request::CheckSame(d) => comm.check_same(&d).await.map(|_| Vec::new()),
+        Request::Bucket { mut buf, .. } => comm.allreduce_sum(&mut buf).await.map(|_| buf),
         Request::CheckOrder => {
             let digest = order.finalize();
             match comm.check_same(digest.as_bytes()).await {
