@@ -200,6 +200,15 @@ pub struct TrainOpts {
     /// restarted ranks rejoin; the global batch follows the ring's size (see the README).
     #[arg(long)]
     pub elastic: bool,
+    /// Gradient bucket size: the gradient is all-reduced in buckets of whole tensors of at
+    /// least BYTES each (4096, 256K, 1M), last layer first; must match on every rank.
+    #[arg(long, value_name = "BYTES",
+          default_value_t = crate::bench::Size(crate::train::DEFAULT_BUCKET_SIZE))]
+    pub bucket_size: crate::bench::Size,
+    /// All-reduce the buckets after the whole backward pass instead of starting each one
+    /// as soon as backward has finished it (the results are bit-for-bit the same).
+    #[arg(long)]
+    pub no_overlap: bool,
     /// Parameter-server mode: how variables are placed on the ps tasks, `round-robin` by
     /// tensor or `greedy` by bytes.
     #[arg(long, default_value = "round-robin", value_name = "STRATEGY")]
@@ -248,6 +257,8 @@ impl TrainOpts {
             key: self.key.clone(),
             insecure: self.insecure,
             elastic: self.elastic,
+            bucket_size: self.bucket_size.0,
+            overlap: !self.no_overlap,
         })
     }
 
@@ -279,6 +290,7 @@ impl TrainOpts {
         flag("compress", self.compress.name().to_string());
         flag("checkpoint-every", self.checkpoint_every.to_string());
         flag("keep-checkpoints", self.keep_checkpoints.to_string());
+        flag("bucket-size", self.bucket_size.to_string());
         if let Some(dir) = &self.checkpoint_dir {
             a.push("--checkpoint-dir".into());
             a.push(dir.clone().into_os_string());
@@ -309,6 +321,9 @@ impl TrainOpts {
         }
         if self.elastic {
             a.push("--elastic".into());
+        }
+        if self.no_overlap {
+            a.push("--no-overlap".into());
         }
         a.push(format!("--ps-strategy={}", self.ps_strategy).into());
         a.push(format!("--ps-sync={}", self.ps_sync).into());

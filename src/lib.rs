@@ -27,7 +27,8 @@
 //! - [`auth`]: the cluster credential (who may join) and the TLS settings built from it;
 //! - [`model`], [`optim`], [`data`]: the MLP over one flat buffer, SGD and Adam, datasets
 //!   and per-rank sharding;
-//! - [`train`]: the step loop of one rank; [`hosts`]: the hosts file;
+//! - [`train`]: the step loop of one rank; [`hosts`]: the hosts file; [`bucket`]: which
+//!   gradient ranges are all-reduced together, and when (overlapped with backward);
 //! - [`elastic`]: `--elastic`, a ring that shrinks when ranks are lost and grows when they
 //!   rejoin;
 //! - [`launch`]: a whole cluster of processes on one machine; [`cli`]: the flags;
@@ -39,6 +40,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod bucket;
 pub mod checkpoint;
 pub mod cli;
 pub mod cluster;

@@ -180,6 +180,27 @@ impl Mlp {
         ws: &mut Workspace,
         grad: &mut [f32],
     ) -> (f32, usize) {
+        self.forward_backward_with(params, x, y, ws, grad, |_, _| {})
+    }
+
+    /// [`forward_backward`](Self::forward_backward), calling `ready(range, grad)` as soon as
+    /// the gradient of each layer is final, last layer first.
+    ///
+    /// `range` is the layer's weight and bias (a range of the [layout](self)) and `grad` the
+    /// whole gradient buffer: when a call comes, every element from `range.start` to the end
+    /// is final and will not be written again, while elements before it are not yet
+    /// computed. The calls cover `0..param_len()` exactly once, in descending order. This
+    /// lets a caller send gradients to other ranks while backward goes on (see
+    /// [`crate::bucket`]). An empty batch yields no calls.
+    pub fn forward_backward_with(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        y: &[u32],
+        ws: &mut Workspace,
+        grad: &mut [f32],
+        ready: impl FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> (f32, usize) {
         debug_assert_eq!(
             grad.len(),
             self.param_len(),
@@ -195,8 +216,16 @@ impl Mlp {
         }
 
         let (loss_sum, correct) = self.forward(params, x, y, ws);
-        self.backward(params, x, y, ws, grad);
+        self.backward(params, x, y, ws, grad, ready);
         ((loss_sum / y.len() as f64) as f32, correct)
+    }
+
+    /// The range of every tensor of [`tensors`](Self::tensors), in layout order.
+    pub fn tensor_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.tensors()
+            .into_iter()
+            .map(|(_, at, shape)| at..at + shape.iter().product::<usize>())
+            .collect()
     }
 
     /// Mean loss and accuracy (fraction of correct argmax predictions) over a whole split,
@@ -288,18 +317,31 @@ impl Mlp {
     }
 
     /// Backpropagates from the probabilities [`forward`](Self::forward) left in `ws`.
-    fn backward(&self, params: &[f32], x: &[f32], y: &[u32], ws: &mut Workspace, grad: &mut [f32]) {
+    /// Calls `ready` after each layer, as [`forward_backward_with`] documents.
+    ///
+    /// [`forward_backward_with`]: Self::forward_backward_with
+    fn backward(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        y: &[u32],
+        ws: &mut Workspace,
+        grad: &mut [f32],
+        mut ready: impl FnMut(std::ops::Range<usize>, &[f32]),
+    ) {
         let batch = y.len();
         let last = self.last_layer();
         ws.grow_deltas(&self.layers, batch);
         output_delta(rows_mut(&mut ws.outputs[last], batch, self.classes()), y);
         for l in (0..=last).rev() {
-            self.backward_layer(l, params, x, ws, grad, batch);
+            self.backward_layer(l, params, x, ws, grad, batch, &mut ready);
         }
     }
 
-    /// Writes layer `l`'s weight and bias gradients from its output delta, then (below the
-    /// first layer) the delta of layer `l - 1`.
+    /// Writes layer `l`'s weight and bias gradients from its output delta, reports them to
+    /// `ready`, then (below the first layer) computes the delta of layer `l - 1`: a caller
+    /// that sends the gradient away overlaps that with the product for the layer below.
+    #[allow(clippy::too_many_arguments)] // the borrows of one backward step, kept apart
     fn backward_layer(
         &self,
         l: usize,
@@ -308,6 +350,7 @@ impl Mlp {
         ws: &mut Workspace,
         grad: &mut [f32],
         batch: usize,
+        ready: &mut impl FnMut(std::ops::Range<usize>, &[f32]),
     ) {
         let s = self.span(l);
         let (below, here) = ws.deltas.split_at_mut(l);
@@ -324,6 +367,7 @@ impl Mlp {
         let (mut gw, gb) = s.grads(grad);
         general_mat_mul(1.0, &input.t(), &delta, 0.0, &mut gw);
         sum_rows(&delta, gb);
+        ready(s.weight..s.end(), grad);
 
         if let Some(prev) = below.last_mut() {
             let mut prev = rows_mut(prev, batch, s.inputs);
@@ -686,6 +730,26 @@ mod tests {
         assert_eq!(a.1, b.1);
         let bits = |v: &[f32]| v.iter().map(|g| g.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&first), bits(&second));
+    }
+
+    #[test]
+    fn ready_reports_each_layer_once_last_first_with_its_final_gradient() {
+        let c = random_case(&[6, 8, 5, 4], 9, SEED + 250);
+        let n = c.mlp.param_len();
+        let mut plain = vec![0.0; n];
+        c.mlp
+            .forward_backward(&c.params, &c.x, &c.y, &mut Workspace::new(), &mut plain);
+
+        let (mut grad, mut seen) = (vec![f32::NAN; n], Vec::new());
+        let mut ws = Workspace::new();
+        c.mlp
+            .forward_backward_with(&c.params, &c.x, &c.y, &mut ws, &mut grad, |r, g| {
+                // Everything from r.start on must already hold its final bits.
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&g[r.start..]), bits(&plain[r.start..]), "layer {r:?}");
+                seen.push(r);
+            });
+        assert_eq!(seen, vec![101..125, 56..101, 0..56]);
     }
 
     #[test]

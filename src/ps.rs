@@ -254,9 +254,10 @@ impl Setup {
         let model = Mlp::new(data.features, &cfg.hidden, data.classes);
         let placement = Placement::new(&model.tensors(), cluster.ps_count(), opts.strategy);
         let mut fingerprint = train::fingerprint(cfg, &model, &data);
-        // The ring's segment size and digest checks play no part here.
+        // The ring's segment size, buckets and digest checks play no part here.
         fingerprint.remove("segment");
         fingerprint.remove("check_every");
+        fingerprint.remove("bucket_size");
         let mut put = |k: &str, v: String| fingerprint.insert(k.to_string(), v);
         put("mode", "ps".into());
         put("ps_protocol", PS_PROTOCOL.to_string());

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tracing::{debug, info};
 
 use crate::auth::{AuthError, Security};
+use crate::bucket::Buckets;
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::collective::CommError;
 use crate::data::{DataError, DataSpec, Dataset, Sampler};
@@ -25,7 +26,7 @@ use crate::progress::Progress;
 use crate::ring::Rank;
 use crate::timeline::{Timeline, TimelineError, Track};
 use crate::transport::TransportOptions;
-use crate::transport::{CommHandle, Hello, PROTOCOL_VERSION, RingPlace, TransportError};
+use crate::transport::{CommHandle, Hello, PROTOCOL_VERSION, Pending, RingPlace, TransportError};
 
 /// Everything that shapes a training run of one rank.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,7 +79,15 @@ pub struct TrainConfig {
     pub insecure: bool,
     /// Survive lost ranks and admit rejoining ones (see [`crate::elastic`]).
     pub elastic: bool,
+    /// Gradient bucket size cap in bytes (see [`crate::bucket`]); ring mode only.
+    pub bucket_size: u64,
+    /// All-reduce each bucket as soon as backward has finished it, rather than after the
+    /// whole backward pass. The result is bit-for-bit the same either way.
+    pub overlap: bool,
 }
+
+/// Default [`TrainConfig::bucket_size`]: 1 MiB (see the README's performance notes).
+pub const DEFAULT_BUCKET_SIZE: u64 = 1 << 20;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -107,6 +116,8 @@ impl Default for TrainConfig {
             key: None,
             insecure: false,
             elastic: false,
+            bucket_size: DEFAULT_BUCKET_SIZE,
+            overlap: true,
         }
     }
 }
@@ -281,6 +292,9 @@ pub fn fingerprint(cfg: &TrainConfig, model: &Mlp, data: &Dataset) -> BTreeMap<S
     let mut f = run_identity(cfg, model, data);
     f.insert("epochs".into(), cfg.epochs.to_string());
     f.insert("steps".into(), format!("{:?}", cfg.steps));
+    // The bucket layout decides how many all-reduces a step makes and their lengths;
+    // overlap only decides when they start, so ranks may differ in it.
+    f.insert("bucket_size".into(), cfg.bucket_size.to_string());
     f.insert("check_every".into(), cfg.check_every.to_string());
     f.insert("segment".into(), cfg.segment.to_string());
     f.insert("compress".into(), cfg.compress.name().into());
@@ -457,6 +471,9 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.log_every == 0 {
         return bad("--log-every must be at least 1");
     }
+    if cfg.bucket_size == 0 {
+        return bad("--bucket-size must be at least 4 bytes, e.g. --bucket-size 1M");
+    }
     Ok(())
 }
 
@@ -547,9 +564,9 @@ impl<'a> Loop<'a> {
         let (b, features, p) = (self.cfg.batch_size, self.data.features, params.len());
         let mut ws = Workspace::new();
         let (mut x, mut y) = (vec![0f32; b * features], vec![0u32; b]);
-        // The gradient buffer carries this rank's loss in its last slot, so one all-reduce
-        // also averages the loss.
-        let mut grad = vec![0f32; p + 1];
+        let mut grad = vec![0f32; p];
+        let mut exchange = Exchange::new(self.model, self.cfg.bucket_size);
+        let overlap = self.cfg.overlap;
         let per_epoch = self.sampler.steps_per_epoch() as u64;
         let total = self.total_steps();
         let scale = 1.0 / self.world as f32;
@@ -565,14 +582,20 @@ impl<'a> Loop<'a> {
             let idx = self.sampler.batch(epoch, in_epoch);
             self.data.gather_train(idx, &mut x, &mut y);
             let t0 = tl.now();
-            let (loss, _) = self
-                .model
-                .forward_backward(&params, &x, &y, &mut ws, &mut grad[..p]);
-            grad[p] = loss;
+            exchange.begin_step();
+            let model = self.model;
+            let ready = |layer: std::ops::Range<usize>, grad: &[f32]| {
+                if overlap {
+                    exchange.send_ready(comm, layer.start, grad);
+                }
+            };
+            let (loss, _) = model.forward_backward_with(&params, &x, &y, &mut ws, &mut grad, ready);
             tl.span(Track::Train, "forward/backward", t0, &[("step", step + 1)]);
 
+            // With overlap this is only the part of the all-reduce backward did not hide.
             let t = Instant::now();
-            grad = comm.allreduce_sum(grad)?;
+            exchange.send_rest(comm, &grad, loss);
+            let loss = exchange.wait_all(&mut grad)? * scale;
             let took = t.elapsed();
             self.comm_time += took;
             let _ = self.hist.record(took.as_micros().max(1) as u64);
@@ -581,13 +604,14 @@ impl<'a> Loop<'a> {
 
             let t1 = tl.now();
             grad.iter_mut().for_each(|g| *g *= scale);
-            optimizer.step(&mut params, &grad[..p]);
+            optimizer.step(&mut params, &grad);
             tl.span(Track::Train, "optimizer", t1, &[("step", step + 1)]);
-            window.push(f64::from(grad[p]));
+            window.push(f64::from(loss));
 
             let done = step + 1;
             if self.cfg.check_every > 0 && done % self.cfg.check_every == 0 {
                 let t2 = tl.now();
+                comm.check_bucket_order()?;
                 comm.check_same(param_digest(&params).as_bytes())?;
                 tl.span(Track::Train, "digest check", t2, &[("step", done)]);
                 debug!(rank = self.rank.0, step = done, "parameter digests agree");
@@ -602,6 +626,7 @@ impl<'a> Loop<'a> {
         }
         let train_time = start.elapsed();
         progress.finish();
+        comm.check_bucket_order()?;
         comm.check_same(param_digest(&params).as_bytes())?;
         let sent = comm.bytes_sent();
         let ran = total.saturating_sub(first);
@@ -700,6 +725,86 @@ impl<'a> Loop<'a> {
             staleness_p99: None,
             staleness_max: None,
         }
+    }
+}
+
+/// One step's gradient buckets on their way around the ring (see [`crate::bucket`]).
+///
+/// The last bucket (the one at offset 0) carries this rank's loss in one extra slot, so the
+/// all-reduces also sum the loss; it is sent once backward is done and the loss is known.
+struct Exchange {
+    buckets: Buckets,
+    /// Each bucket's buffer, reused from step to step (empty while it is on the ring).
+    bufs: Vec<Vec<f32>>,
+    /// The all-reduces started this step, by bucket index, in the order they were started.
+    pending: Vec<(usize, Pending)>,
+}
+
+impl Exchange {
+    fn new(model: &Mlp, bucket_size: u64) -> Exchange {
+        let buckets = Buckets::new(&model.tensor_ranges(), bucket_size);
+        debug_assert!(!buckets.is_empty(), "invariant: a model has parameters");
+        let bufs = buckets
+            .ranges()
+            .iter()
+            .map(|r| Vec::with_capacity(r.len() + 1));
+        debug!(buckets = buckets.len(), bucket_size, "gradient buckets");
+        Exchange {
+            bufs: bufs.collect(),
+            buckets,
+            pending: Vec::new(),
+        }
+    }
+
+    fn begin_step(&mut self) {
+        self.buckets.reset();
+        self.pending.clear();
+    }
+
+    /// Starts every bucket that is final from `from` on, except the last one.
+    fn send_ready(&mut self, comm: &mut CommHandle, from: usize, grad: &[f32]) {
+        // The last bucket starts at 0 and every other one later, so `from` 1 or more
+        // never releases it.
+        for i in self.buckets.ready(from.max(1)) {
+            self.send(comm, i, grad, None);
+        }
+    }
+
+    /// Starts the buckets not started yet, the last one with `loss`.
+    fn send_rest(&mut self, comm: &mut CommHandle, grad: &[f32], loss: f32) {
+        let last = self.buckets.len() - 1;
+        for i in self.buckets.ready(0) {
+            self.send(comm, i, grad, (i == last).then_some(loss));
+        }
+    }
+
+    fn send(&mut self, comm: &mut CommHandle, i: usize, grad: &[f32], loss: Option<f32>) {
+        let range = self.buckets.ranges()[i].clone();
+        let mut buf = std::mem::take(&mut self.bufs[i]);
+        buf.clear();
+        buf.extend_from_slice(&grad[range.clone()]);
+        buf.extend(loss);
+        tracing::trace!(bucket = i, len = range.len(), "bucket started");
+        self.pending.push((i, comm.allreduce_start(buf, range)));
+    }
+
+    /// Waits for every bucket in the order they were started, writes the sums into `grad`
+    /// and returns the summed loss. The first failure is returned; later buckets are then
+    /// dropped, which leaves nothing behind on the communication thread.
+    fn wait_all(&mut self, grad: &mut [f32]) -> Result<f32, CommError> {
+        let mut loss = 0.0;
+        for (i, pending) in self.pending.drain(..) {
+            let buf = pending.wait()?;
+            let range = self.buckets.ranges()[i].clone();
+            // An all-reduce gives back a buffer as long as the one it was given.
+            let (sum, rest) = buf.split_at(range.len());
+            grad[range].copy_from_slice(sum);
+            if let Some(&l) = rest.first() {
+                loss = l;
+            }
+            self.bufs[i] = buf;
+        }
+        Ok(loss)
     }
 }
 

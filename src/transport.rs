@@ -763,6 +763,9 @@ async fn accept_prev(
     }
 }
 
+// Kept here, next to its only users, rather than with the imports at the top.
+use std::sync::atomic::{AtomicU64, Ordering};
+
 /// A request from the training loop to the communication thread.
 enum Request {
     AllReduce(Vec<f32>),
@@ -770,11 +773,25 @@ enum Request {
     AllReduceF32(Vec<f32>),
     Broadcast(Vec<f32>),
     CheckSame(Vec<u8>),
+    /// A gradient bucket: `range` is where it sits in the whole gradient, folded into the
+    /// bucket-order digest that [`Request::CheckOrder`] compares across ranks.
+    Bucket {
+        buf: Vec<f32>,
+        range: std::ops::Range<usize>,
+    },
+    CheckOrder,
 }
 
 type Reply = Result<(Vec<f32>, u64), CommError>;
 
-/// The training loop's handle on the ring; all calls block until the ring has done its part.
+/// How many requests may wait for the communication thread before a submitting call
+/// blocks: enough for every bucket of a step to be queued while backward goes on.
+const QUEUE_DEPTH: usize = 64;
+
+/// The training loop's handle on the ring. The communication thread serves requests one at
+/// a time, strictly in the order they were made: the blocking calls return when the ring
+/// has done its part, and [`CommHandle::allreduce_start`] queues an all-reduce and returns
+/// at once.
 ///
 /// Dropping the handle without [`CommHandle::finish`] closes the connections with an error
 /// code, so neighbours stop at once instead of waiting for the peer timeout.
@@ -782,14 +799,46 @@ pub struct CommHandle {
     requests: Option<mpsc::Sender<(Request, oneshot::Sender<Reply>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
     finish: Option<oneshot::Sender<Option<String>>>,
-    bytes_sent: u64,
+    bytes_sent: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for CommHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CommHandle")
-            .field("bytes_sent", &self.bytes_sent)
+            .field("bytes_sent", &self.bytes_sent())
             .finish()
+    }
+}
+
+/// An all-reduce queued by [`CommHandle::allreduce_start`].
+///
+/// Dropping it does not cancel the all-reduce (every rank must still take part, in the
+/// same order); the result is then thrown away and the communication thread goes on.
+#[must_use = "an all-reduce's result is only known after wait()"]
+pub struct Pending {
+    reply: oneshot::Receiver<Reply>,
+    bytes_sent: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// Blocks until the all-reduce is done and returns the summed buffer.
+    ///
+    /// A collective that failed returns its error here. When an earlier request failed,
+    /// the communication thread has stopped and this returns [`CommError::Stopped`]: wait
+    /// for pending all-reduces in the order they were started to see the first cause.
+    pub fn wait(self) -> Result<Vec<f32>, CommError> {
+        let (buf, sent) = self
+            .reply
+            .blocking_recv()
+            .map_err(|_| CommError::Stopped)??;
+        self.bytes_sent.fetch_max(sent, Ordering::Relaxed);
+        Ok(buf)
     }
 }
 
@@ -813,7 +862,7 @@ impl CommHandle {
         timeline: Timeline,
     ) -> Result<CommHandle, TransportError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (req_tx, req_rx) = mpsc::channel(1);
+        let (req_tx, req_rx) = mpsc::channel(QUEUE_DEPTH);
         let (fin_tx, fin_rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("ringtrain-comm-{}", place.rank.0))
@@ -828,7 +877,7 @@ impl CommHandle {
             requests: Some(req_tx),
             thread: Some(thread),
             finish: Some(fin_tx),
-            bytes_sent: 0,
+            bytes_sent: Arc::new(AtomicU64::new(0)),
         };
         match ready {
             Ok(()) => Ok(handle),
@@ -842,18 +891,25 @@ impl CommHandle {
 
     /// Bytes this rank has sent on the ring so far (frames and their length prefixes).
     pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Queues `req`; never blocks unless [`QUEUE_DEPTH`] requests are already waiting.
+    /// When the thread has stopped, the returned [`Pending`] reports it.
+    fn submit(&mut self, req: Request) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        if let Some(sender) = self.requests.as_ref() {
+            // On failure the request and `tx` come back and drop: `rx` then says Stopped.
+            let _ = sender.blocking_send((req, tx));
+        }
+        Pending {
+            reply: rx,
+            bytes_sent: self.bytes_sent.clone(),
+        }
     }
 
     fn call(&mut self, req: Request) -> Result<Vec<f32>, CommError> {
-        let (tx, rx) = oneshot::channel();
-        let sender = self.requests.as_ref().ok_or(CommError::Stopped)?;
-        sender
-            .blocking_send((req, tx))
-            .map_err(|_| CommError::Stopped)?;
-        let (buf, sent) = rx.blocking_recv().map_err(|_| CommError::Stopped)??;
-        self.bytes_sent = sent;
-        Ok(buf)
+        self.submit(req).wait()
     }
 
     /// Sums `buf` over all ranks (see [`Communicator::allreduce_sum`]).
@@ -876,6 +932,27 @@ impl CommHandle {
     /// Fails with [`CommError::Diverged`] unless every rank passes the same `digest`.
     pub fn check_same(&mut self, digest: &[u8]) -> Result<(), CommError> {
         self.call(Request::CheckSame(digest.to_vec())).map(|_| ())
+    }
+
+    /// Queues the sum of gradient bucket `buf` over all ranks and returns without waiting.
+    ///
+    /// `range` says where the bucket sits in the whole gradient (`buf` may be longer, e.g.
+    /// by a loss slot); every rank must start the same buckets in the same order, because
+    /// requests are served in the order they are made. Each bucket's range is folded into
+    /// a digest that [`CommHandle::check_bucket_order`] compares across ranks; a bucket of
+    /// a different length on a neighbour fails at once as out of step.
+    pub fn allreduce_start(&mut self, buf: Vec<f32>, range: std::ops::Range<usize>) -> Pending {
+        debug_assert!(
+            buf.len() >= range.len(),
+            "invariant: a bucket holds at least its range"
+        );
+        self.submit(Request::Bucket { buf, range })
+    }
+
+    /// Fails with [`CommError::Diverged`] unless every rank has reduced the same gradient
+    /// buckets in the same order so far.
+    pub fn check_bucket_order(&mut self) -> Result<(), CommError> {
+        self.call(Request::CheckOrder).map(|_| ())
     }
 
     /// Ends the run cleanly: waits until the neighbours have everything, then closes.
@@ -956,8 +1033,9 @@ fn comm_thread(
         }
         let _ = ready.send(Ok(()));
         let mut failed: Option<String> = None;
+        let mut order = blake3::Hasher::new();
         while let Some((req, reply)) = requests.recv().await {
-            let result = serve(&mut links, req, world).await;
+            let result = serve(&mut links, req, &mut order, world).await;
             match &result {
                 // Diverged replicas are the caller's to handle; the links are still sound.
                 Err(CommError::Diverged(_)) | Ok(_) => {}
@@ -1064,12 +1142,25 @@ async fn both_neighbours<A, B>(
     }
 }
 
-async fn serve(links: &mut Links, req: Request, _world: WorldSize) -> Reply {
+/// Serves one request; `order` is the running digest of the buckets reduced so far.
+async fn serve(
+    links: &mut Links,
+    req: Request,
+    order: &mut blake3::Hasher,
+    _world: WorldSize,
+) -> Reply {
+    if let Request::Bucket { buf, range } = &req {
+        for n in [range.start, range.end, buf.len()] {
+            order.update(&(n as u64).to_le_bytes());
+        }
+    }
     let Some((_, _, comm)) = links.as_mut() else {
         // A world of one: every collective is the identity.
         return match req {
             Request::AllReduce(b) | Request::AllReduceF32(b) | Request::Broadcast(b) => Ok((b, 0)),
             Request::CheckSame(_) => Ok((Vec::new(), 0)),
+            Request::Bucket { buf, .. } => Ok((buf, 0)),
+            Request::CheckOrder => Ok((Vec::new(), 0)),
         };
     };
     let out = match req {
@@ -1083,6 +1174,16 @@ async fn serve(links: &mut Links, req: Request, _world: WorldSize) -> Reply {
         }
         Request::Broadcast(mut b) => comm.broadcast(&mut b).await.map(|_| b),
         Request::CheckSame(d) => comm.check_same(&d).await.map(|_| Vec::new()),
+        Request::Bucket { mut buf, .. } => comm.allreduce_sum(&mut buf).await.map(|_| buf),
+        Request::CheckOrder => {
+            let digest = order.finalize();
+            match comm.check_same(digest.as_bytes()).await {
+                Err(CommError::Diverged(ranks)) => Err(CommError::Diverged(format!(
+                    "the ranks reduced gradient buckets in different orders ({ranks})"
+                ))),
+                other => other.map(|_| Vec::new()),
+            }
+        }
     };
     out.map(|b| (b, comm.bytes_sent()))
 }
