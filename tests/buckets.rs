@@ -162,6 +162,7 @@ fn opts() -> TransportOptions {
         peer_timeout: Duration::from_secs(10),
         segment: 64,
         security: Security::Unauthenticated,
+        wire: ringtrain::frame::Wire::F32,
     }
 }
 
