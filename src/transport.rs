@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,7 +42,7 @@ use crate::frame::{Pieces, Wire};
 use crate::ring::{Rank, WorldSize};
 use crate::timeline::Timeline;
 
-mod window_cap;
+mod congestion;
 
 /// Version of the wire protocol; ranks with different versions refuse each other.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -410,7 +411,7 @@ fn with_injected_loss(
 pub const LOOPBACK_UDP_PAYLOAD: u16 = 65000;
 
 /// The largest congestion window on loopback, kept below what the receiver's socket buffer
-/// holds (see `window_cap`): with 4 MiB requested (8 MiB granted), 2 MiB left no datagram
+/// holds (see `congestion`): with 4 MiB requested (8 MiB granted), 2 MiB left no datagram
 /// dropped by a full buffer at N = 2, 4 and 8, where an uncapped window lost hundreds.
 pub const LOOPBACK_WINDOW_CAP: u64 = 2 << 20;
 
@@ -443,14 +444,18 @@ fn tune_packet_size(t: &mut quinn::TransportConfig, addr: SocketAddr) {
         t.enable_segmentation_offload(false);
         let mut cubic = quinn::congestion::CubicConfig::default();
         cubic.initial_window(1 << 20);
-        t.congestion_controller_factory(Arc::new(window_cap::CappedFactory {
+        t.congestion_controller_factory(Arc::new(congestion::RingFactory {
             inner: Arc::new(cubic),
-            cap: LOOPBACK_WINDOW_CAP,
+            cap: Some(LOOPBACK_WINDOW_CAP),
         }));
     } else {
         let mut discovery = quinn::MtuDiscoveryConfig::default();
         discovery.upper_bound(MAX_DISCOVERED_UDP_PAYLOAD);
         t.mtu_discovery_config(Some(discovery));
+        t.congestion_controller_factory(Arc::new(congestion::RingFactory {
+            inner: Arc::new(quinn::congestion::CubicConfig::default()),
+            cap: None,
+        }));
     }
 }
 
@@ -762,9 +767,6 @@ async fn accept_prev(
         return Ok((conn, recv));
     }
 }
-
-// Kept here, next to its only users, rather than with the imports at the top.
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A request from the training loop to the communication thread.
 enum Request {
