@@ -7,7 +7,7 @@
 #   QUICK=1 scripts/bench-ring.sh       # 1M and 16M only, fewer iterations
 #
 # gloo needs Debian's python3-torch (skipped with a note without it); the emulated runs
-# need root, ip and tc (skipped without them). About 8 minutes on 2 cores.
+# need root, ip and tc (skipped without them). About 5 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

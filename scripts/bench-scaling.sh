@@ -7,7 +7,7 @@
 #
 # Builds the release binary and copies it into OUT_DIR first, so a rebuild during the run
 # cannot change what is measured. The emulated-cluster runs (--link) need root, `ip` and
-# `tc`; without them they are skipped with a note. Takes about 6 minutes on 2 cores.
+# `tc`; without them they are skipped with a note. Takes about 4 minutes on 2 cores.
 # Not part of .ci/run: benchmarks are for people, and their numbers depend on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
