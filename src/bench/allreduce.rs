@@ -6,8 +6,9 @@
 //! forms the ring and, for each size:
 //!
 //! 1. runs `--warmup` untimed all-reduces, then `--iters` timed ones; before each, the
-//!    buffer is filled with [`pattern`] values whose exact sum is known, and after each the
-//!    result is checked element by element (neither is timed);
+//!    buffer is filled with [`pattern`] values whose exact sum is known and the ranks meet
+//!    at a one-value all-reduce (a barrier), and after each the result is checked element
+//!    by element (none of which is timed);
 //! 2. times each call, and measures the CPU time the process spent apart from the calling
 //!    thread (which fills and checks, and is blocked during the all-reduce);
 //! 3. gathers every rank's times, CPU and bytes with one more all-reduce in which each rank
@@ -392,17 +393,23 @@ fn measure(
         buf = comm.allreduce_sum(buf)?;
         mine.bad += count_wrong(&buf, &expected, tol, rank, size);
     }
-    let sent0 = comm.bytes_sent();
     let cpu0 = CpuSample::now();
     for _ in 0..args.iters {
         fill(&mut buf, rank);
+        // Start together: otherwise a rank still checking the last result makes the
+        // others' next call wait for it, and that wait is timed (gloo's and nccl-tests'
+        // loops synchronise the same way).
+        comm.allreduce_sum_f32(vec![0.0])?;
+        let sent = comm.bytes_sent();
         let t = Instant::now();
         buf = comm.allreduce_sum(buf)?;
         mine.times.push(t.elapsed().as_secs_f64());
+        mine.bytes += (comm.bytes_sent() - sent) as f64;
         mine.bad += count_wrong(&buf, &expected, tol, rank, size);
     }
+    // Over the whole loop, so the communication thread's work after a call returns (the
+    // last acknowledgements) counts; the barriers' few bytes add a negligible amount.
     mine.cpu = CpuSample::now().comm_secs_since(&cpu0);
-    mine.bytes = (comm.bytes_sent() - sent0) as f64;
     drop(buf);
 
     let all = gather(comm, &mine, rank, world, args.iters as usize)?;
