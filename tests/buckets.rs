@@ -2,7 +2,6 @@
 //! overlap, close to the unbucketed run, refused when the layouts differ, and no hang when
 //! a bucket's result is dropped or a rank is lost.
 
-use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,10 @@ use ringtrain::launch::free_local_addrs;
 use ringtrain::optim::OptimConfig;
 use ringtrain::ring::Rank;
 use ringtrain::train::{self, TrainConfig, TrainError, Trained};
-use ringtrain::transport::{CommHandle, Hello, PROTOCOL_VERSION, RingPlace, TransportOptions};
+use ringtrain::transport::{RingPlace, TransportOptions};
+
+mod common;
+use common::{on_ring, wait_within};
 
 /// The synthetic task (64 features, 10 classes) on hidden widths 16 and 9: tensors of
 /// 1024, 16, 144, 9, 90 and 10 floats. A 64-byte cap makes four buckets (layer 2, layer 1,
@@ -166,43 +168,9 @@ fn opts() -> TransportOptions {
     }
 }
 
-/// Runs `f` on every rank of a fresh loopback ring of `n`, one thread per rank.
-fn on_ring<T: Send + 'static>(
-    n: usize,
-    f: impl Fn(usize, &mut CommHandle) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
-    let addrs = free_local_addrs(n).expect("free ports");
-    let threads: Vec<_> = (0..n)
-        .map(|r| {
-            let (addrs, f) = (addrs.clone(), f.clone());
-            std::thread::spawn(move || {
-                let place = RingPlace {
-                    rank: Rank(r),
-                    addrs,
-                };
-                let hello = Hello {
-                    protocol: PROTOCOL_VERSION,
-                    rank: r,
-                    world: n,
-                    fingerprint: BTreeMap::new(),
-                };
-                let mut comm = CommHandle::connect(place, hello, opts())
-                    .unwrap_or_else(|e| panic!("rank {r} could not join the ring: {e}"));
-                let out = f(r, &mut comm);
-                comm.finish();
-                out
-            })
-        })
-        .collect();
-    threads
-        .into_iter()
-        .map(|t| t.join().expect("rank thread"))
-        .collect()
-}
-
 #[test]
 fn queued_buckets_sum_in_order_and_a_dropped_pending_wedges_nothing() {
-    let out = on_ring(3, |r, comm| {
+    let out = on_ring(3, opts(), |r, comm| {
         let v = |len: usize, k: f32| vec![(r as f32 + 1.0) * k; len];
         // Queued without waiting; more than one segment each, of odd lengths.
         let a = comm.allreduce_start(v(301, 1.0), 200..501);
@@ -223,7 +191,7 @@ fn queued_buckets_sum_in_order_and_a_dropped_pending_wedges_nothing() {
 
 #[test]
 fn buckets_of_equal_length_in_different_orders_are_caught() {
-    let out = on_ring(2, |r, comm| {
+    let out = on_ring(2, opts(), |r, comm| {
         let ranges = if r == 0 { [0..4, 4..8] } else { [4..8, 0..4] };
         for range in ranges {
             comm.allreduce_start(vec![1.0; 4], range).wait().unwrap();
@@ -236,16 +204,6 @@ fn buckets_of_equal_length_in_different_orders_are_caught() {
             "{msg}"
         );
     }
-}
-
-/// Waits for `child` at most `limit`; kills it (our own child) if it is still running.
-fn wait_within(mut child: Child, limit: Duration) -> std::process::Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() && start.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait_with_output().unwrap()
 }
 
 #[test]

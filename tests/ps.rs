@@ -10,7 +10,7 @@
 //! to the bit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ringtrain::cluster::{ClusterSpec, Job};
@@ -21,6 +21,9 @@ use ringtrain::ps::{self, PsError, PsOptions, PsReport, Strategy, SyncMode};
 use ringtrain::ring::Rank;
 use ringtrain::train::{self, TrainConfig, Trained};
 use ringtrain::transport::RingPlace;
+
+mod common;
+use common::wait_within;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringtrain");
 
@@ -386,16 +389,6 @@ fn bad_cluster_files_and_tasks_are_named() {
     let mut no_task = run(&good, "worker", "0");
     no_task.truncate(4);
     check(no_task, "--task N is required");
-}
-
-/// Waits for `child` at most `limit`; kills it (our own child) if it is still running.
-fn wait_within(mut child: Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() && start.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait_with_output().unwrap()
 }
 
 #[test]

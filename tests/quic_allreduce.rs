@@ -1,7 +1,6 @@
 //! All-reduce over real QUIC connections on 127.0.0.1: every rank's result is bit-identical
 //! and within 1e-5 relative error of a float64 reference sum.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -9,7 +8,10 @@ use rand_chacha::ChaCha8Rng;
 use ringtrain::auth::Security;
 use ringtrain::launch::free_local_addrs;
 use ringtrain::ring::Rank;
-use ringtrain::transport::{CommHandle, Hello, PROTOCOL_VERSION, RingPlace, TransportOptions};
+use ringtrain::transport::{CommHandle, RingPlace, TransportOptions};
+
+mod common;
+use common::{hello, on_ring};
 
 fn opts(segment: usize) -> TransportOptions {
     TransportOptions {
@@ -19,48 +21,6 @@ fn opts(segment: usize) -> TransportOptions {
         security: Security::Unauthenticated,
         wire: ringtrain::frame::Wire::F32,
     }
-}
-
-fn hello(rank: usize, world: usize, fields: &[(&str, &str)]) -> Hello {
-    let fingerprint: BTreeMap<String, String> = fields
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    Hello {
-        protocol: PROTOCOL_VERSION,
-        rank,
-        world,
-        fingerprint,
-    }
-}
-
-/// Runs `f` on every rank of a fresh loopback ring, one thread per rank.
-fn on_ring<T: Send + 'static>(
-    n: usize,
-    segment: usize,
-    f: impl Fn(usize, &mut CommHandle) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
-    let addrs = free_local_addrs(n).expect("free ports");
-    let threads: Vec<_> = (0..n)
-        .map(|r| {
-            let (addrs, f) = (addrs.clone(), f.clone());
-            std::thread::spawn(move || {
-                let place = RingPlace {
-                    rank: Rank(r),
-                    addrs,
-                };
-                let mut comm = CommHandle::connect(place, hello(r, n, &[]), opts(segment))
-                    .unwrap_or_else(|e| panic!("rank {r} could not join the ring: {e}"));
-                let out = f(r, &mut comm);
-                comm.finish();
-                out
-            })
-        })
-        .collect();
-    threads
-        .into_iter()
-        .map(|t| t.join().expect("rank thread"))
-        .collect()
 }
 
 #[test]
@@ -79,7 +39,7 @@ fn allreduce_over_quic_is_bit_identical_and_matches_f64() {
                 .map(|i| inputs.iter().map(|v| f64::from(v[i])).sum())
                 .collect();
             let shared = std::sync::Arc::new(inputs);
-            let results = on_ring(n, segment, move |r, comm| {
+            let results = on_ring(n, opts(segment), move |r, comm| {
                 comm.allreduce_sum(shared[r].clone()).expect("allreduce")
             });
             for (r, res) in results.iter().enumerate() {
@@ -110,7 +70,7 @@ fn shared_abs_sum(results: &[Vec<f32>], i: usize) -> f64 {
 
 #[test]
 fn broadcast_and_digest_check_over_quic() {
-    let out = on_ring(3, 5, |r, comm| {
+    let out = on_ring(3, opts(5), |r, comm| {
         let mine: Vec<f32> = (0..23).map(|i| (i * 3 + r) as f32).collect();
         let got = comm.broadcast(mine).expect("broadcast");
         comm.check_same(b"equal").expect("equal digests agree");
@@ -122,7 +82,7 @@ fn broadcast_and_digest_check_over_quic() {
 
 #[test]
 fn differing_digests_name_the_odd_rank() {
-    let out = on_ring(3, 64, |r, comm| {
+    let out = on_ring(3, opts(64), |r, comm| {
         let digest: &[u8] = if r == 2 { b"bbbb" } else { b"aaaa" };
         comm.check_same(digest).unwrap_err().to_string()
     });
