@@ -11,11 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-out="${1:-target/bench-results/ring-$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$out"
-cargo build --release --locked
-cp target/release/ringtrain "$out/ringtrain"
-bin="$out/ringtrain"
+# shellcheck source=scripts/bench-setup.sh
+. scripts/bench-setup.sh
+bench_setup "${1:-target/bench-results/ring-$(date +%Y%m%d-%H%M%S)}"
 
 sizes="1M,16M,64M"
 iters=10
@@ -25,13 +23,6 @@ if [ "${QUICK:-0}" = 1 ]; then
   iters=5
   link_iters=3
 fi
-
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "kernel: $(uname -r); cores: $(nproc)"
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
-} > "$out/machine.txt"
 
 run() {
   local name="$1"

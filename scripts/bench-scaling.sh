@@ -12,11 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-out="${1:-target/bench-results/$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$out"
-cargo build --release --locked
-cp target/release/ringtrain "$out/ringtrain"
-bin="$out/ringtrain"
+# shellcheck source=scripts/bench-setup.sh
+. scripts/bench-setup.sh
+bench_setup "${1:-target/bench-results/$(date +%Y%m%d-%H%M%S)}"
 
 sizes="1M,4M,16M,64M"
 steps=200
@@ -24,13 +22,6 @@ if [ "${QUICK:-0}" = 1 ]; then
   sizes="1M,4M"
   steps=50
 fi
-
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "kernel: $(uname -r); cores: $(nproc)"
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
-} > "$out/machine.txt"
 
 # Runs one benchmark, keeping its table and the load average before and after it.
 run() {
