@@ -46,7 +46,7 @@
 //!
 //! The state travels in one all-reduce in which every member but the root contributes
 //! `-0.0`: `x + (-0.0)` is exactly `x` for every `x` (including `+0.0`), in any order, so
-//! all members end with the root's bits ([`pack`] says the layout). A digest check follows.
+//! all members end with the root's bits (`pack` says the layout). A digest check follows.
 //!
 //! # Joining
 //!

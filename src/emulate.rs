@@ -317,7 +317,7 @@ impl LinkSpec {
         one_ms.max(125_000)
     }
 
-    /// Bytes the shaper queues before dropping: the burst plus [`QUEUE_TIME`] at line rate.
+    /// Bytes the shaper queues before dropping: the burst plus `QUEUE_TIME` (20 ms) at line rate.
     pub fn queue_bytes(&self) -> u64 {
         let queued = self.rate.bytes_per_sec() * QUEUE_TIME.as_secs_f64();
         self.burst_bytes() + queued as u64

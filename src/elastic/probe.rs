@@ -2,7 +2,7 @@
 //! at its hosts-file address, for the whole life of the process.
 //!
 //! A probe is one short QUIC connection on an endpoint built by
-//! [`transport::endpoint`](crate::transport::endpoint): the prober opens a stream, sends a
+//! [`crate::transport::endpoint`]: the prober opens a stream, sends a
 //! [`ProbeRequest`] as JSON and finishes the stream; the answerer replies with its
 //! [`PeerStatus`] as JSON, finishes, and waits for the prober to close. The ring itself runs
 //! on a second, per-process data port that each rank announces in its status, so the
