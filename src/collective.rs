@@ -153,11 +153,6 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
         self.wire = wire;
     }
 
-    /// How all-reduce values travel.
-    pub fn wire(&self) -> Wire {
-        self.wire
-    }
-
     /// This rank.
     pub fn rank(&self) -> Rank {
         self.rank
@@ -192,14 +187,24 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
     /// `f32`; the owner of each reduced chunk rounds it in place before the all-gather, so
     /// that every rank ends with the same, rounded, values.
     pub async fn allreduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.allreduce_in(buf, self.wire).await
+    }
+
+    /// [`allreduce_sum`](Self::allreduce_sum) with every value sent in full `f32`, whatever
+    /// [`set_wire`](Self::set_wire) chose: for counters and measurements.
+    pub async fn allreduce_sum_exact(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.allreduce_in(buf, Wire::F32).await
+    }
+
+    async fn allreduce_in(&mut self, buf: &mut [f32], wire: Wire) -> Result<(), CommError> {
         let plan = Plan::allreduce(self.rank, self.world, buf.len(), self.segment);
-        self.run(&plan, buf, false).await
+        self.run(&plan, buf, false, wire).await
     }
 
     /// Replaces `buf` on every rank by rank 0's `buf`.
     pub async fn broadcast(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
         let plan = Plan::broadcast(self.rank, self.world, buf.len(), self.segment);
-        self.run(&plan, buf, true).await
+        self.run(&plan, buf, true, Wire::F32).await
     }
 
     /// Gives every rank every rank's `mine` (each at most one segment long), by rank.
@@ -237,10 +242,15 @@ impl<S: SendLink, R: RecvLink> Communicator<S, R> {
         self.seq
     }
 
-    async fn run(&mut self, plan: &Plan, buf: &mut [f32], bcast: bool) -> Result<(), CommError> {
+    async fn run(
+        &mut self,
+        plan: &Plan,
+        buf: &mut [f32],
+        bcast: bool,
+        wire: Wire,
+    ) -> Result<(), CommError> {
         let seq = self.next_seq();
         let max_frame = self.max_frame();
-        let wire = if bcast { Wire::F32 } else { self.wire };
         let buf = RefCell::new(buf);
         let recvs_done = Cell::new(0usize);
         let progress = Notify::new();

@@ -1176,13 +1176,7 @@ async fn serve(
     };
     let out = match req {
         Request::AllReduce(mut b) => comm.allreduce_sum(&mut b).await.map(|_| b),
-        Request::AllReduceF32(mut b) => {
-            let wire = comm.wire();
-            comm.set_wire(Wire::F32);
-            let out = comm.allreduce_sum(&mut b).await.map(|_| b);
-            comm.set_wire(wire);
-            out
-        }
+        Request::AllReduceF32(mut b) => comm.allreduce_sum_exact(&mut b).await.map(|_| b),
         Request::Broadcast(mut b) => comm.broadcast(&mut b).await.map(|_| b),
         Request::CheckSame(d) => comm.check_same(&d).await.map(|_| Vec::new()),
         Request::Bucket { mut buf, .. } => comm.allreduce_sum(&mut buf).await.map(|_| buf),
