@@ -450,6 +450,13 @@ pub fn run(cfg: &TrainConfig, place: RingPlace) -> Result<Trained, TrainError> {
                 .into(),
         ));
     }
+    if cfg.compress != crate::frame::Wire::F32 {
+        return Err(TrainError::Config(
+            "--elastic sends gradients in full f32 and does not implement --compress yet; \
+             drop --compress (or --elastic)"
+                .into(),
+        ));
+    }
     let pause = step_pause()?;
     let security = Security::resolve(cfg.key.as_deref(), cfg.insecure, &place.addrs)?;
     let (me, hosts) = (place.rank.0, place.addrs);
@@ -973,6 +980,27 @@ mod tests {
             data_addr: "127.0.0.1:1".parse().unwrap(),
             proposal: None,
         }
+    }
+
+    #[test]
+    fn compress_is_refused_before_anything_is_bound() {
+        let cfg = TrainConfig {
+            elastic: true,
+            compress: crate::frame::Wire::Bf16,
+            ..TrainConfig::default()
+        };
+        let place = RingPlace {
+            rank: Rank(0),
+            addrs: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+        };
+        let err = run(&cfg, place).unwrap_err().to_string();
+        assert!(
+            err.contains("--compress") && err.contains("--elastic"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -54,13 +54,14 @@ pub fn run(cfg: &TrainConfig, replicas: usize) -> Result<Trained, TrainError> {
 }
 
 /// Refuses flags that only ring mode implements, naming them, instead of ignoring them.
-pub(crate) fn reject_ring_only(cfg: &TrainConfig, mode: &str) -> Result<(), TrainError> {
+pub fn reject_ring_only(cfg: &TrainConfig, mode: &str) -> Result<(), TrainError> {
     let used = [
         ("--checkpoint-dir", cfg.checkpoint_dir.is_some()),
         ("--resume", cfg.resume),
         ("--elastic", cfg.elastic),
         ("--timeline", cfg.timeline.is_some()),
         ("--save", cfg.save.is_some()),
+        ("--compress", cfg.compress != crate::frame::Wire::F32),
     ];
     let flags: Vec<&str> = used.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect();
     if flags.is_empty() {
@@ -293,6 +294,26 @@ impl Log {
             samples_per_sec = format_args!("{:.0}", samples / secs),
             reduce = format_args!("{:.1}%", 100.0 * share),
             "progress"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_only_flags_are_named_and_defaults_pass() {
+        assert!(reject_ring_only(&TrainConfig::default(), "ps").is_ok());
+        let cfg = TrainConfig {
+            compress: crate::frame::Wire::F16,
+            resume: true,
+            ..TrainConfig::default()
+        };
+        let err = reject_ring_only(&cfg, "in-graph").unwrap_err().to_string();
+        assert!(
+            err.contains("--resume, --compress") && err.contains("in-graph"),
+            "{err}"
         );
     }
 }

@@ -11,6 +11,9 @@ use ringtrain::config::{self, ParseError, Parsed};
 use ringtrain::hosts::Hosts;
 use ringtrain::launch;
 use ringtrain::launchenv::{self, RankRequest, RankSource};
+use ringtrain::progress::{LogFormat, LogWriter, ProgressMode};
+use ringtrain::ps::PsError;
+use ringtrain::train::{self, Summary, TrainError};
 
 /// mimalloc, with transparent huge pages off for the process (its `no_thp` feature), keeps
 /// the all-reduce's frame-sized buffers (256 KiB each) in its heaps. With glibc's malloc a
@@ -19,9 +22,6 @@ use ringtrain::launchenv::{self, RankRequest, RankSource};
 /// pages, and without them under 1%. Measured in the README's "What mattered" table.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ringtrain::progress::{LogFormat, LogWriter, ProgressMode};
-use ringtrain::ps::PsError;
-use ringtrain::train::{self, Summary, TrainError};
 
 fn main() -> ExitCode {
     let parsed = match config::parse(std::env::args_os()) {
@@ -156,9 +156,6 @@ fn resolve_rank(args: &TrainArgs, hosts: &std::path::Path) -> anyhow::Result<(us
 
 fn run_rank(args: &TrainArgs, config_note: Option<&str>) -> anyhow::Result<u8> {
     if args.job.is_some() || args.task.is_some() {
-        if args.opts.compress != ringtrain::frame::Wire::F32 {
-            bail!("--compress applies only to the ring; drop it for --job ps|worker");
-        }
         return run_task(args);
     }
     let Some(hosts) = &args.hosts else {
@@ -215,12 +212,8 @@ fn run_launch(args: &LaunchArgs) -> anyhow::Result<u8> {
     if args.np == 0 {
         bail!("--np must be at least 1");
     }
-    let compressed = args.opts.compress != ringtrain::frame::Wire::F32;
     match args.mode {
         LaunchMode::Ring if args.ps.is_some() => bail!("--ps applies only to --mode ps"),
-        LaunchMode::Ps | LaunchMode::InGraph if compressed => {
-            bail!("--compress applies only to --mode ring; drop it for this mode")
-        }
         LaunchMode::Ring => {}
         LaunchMode::Ps => return launch_ps(args),
         LaunchMode::InGraph => return launch_in_graph(args),
@@ -376,7 +369,9 @@ fn launch_ps(args: &LaunchArgs) -> anyhow::Result<u8> {
     if ps == 0 {
         bail!("--ps must be at least 1");
     }
-    args.opts.to_config().map_err(anyhow::Error::msg)?;
+    let cfg = args.opts.to_config().map_err(anyhow::Error::msg)?;
+    // Refused here once rather than by every task after it started.
+    ringtrain::ingraph::reject_ring_only(&cfg, "ps")?;
     let np = args.np + ps;
     let addrs = launch::free_local_addrs(np).context("cannot pick local ports")?;
     let cluster = ClusterSpec::from_addrs(addrs[args.np..].to_vec(), addrs[..args.np].to_vec());
