@@ -565,7 +565,7 @@ impl<'a> Loop<'a> {
         let mut ws = Workspace::new();
         let (mut x, mut y) = (vec![0f32; b * features], vec![0u32; b]);
         let mut grad = vec![0f32; p];
-        let mut exchange = Exchange::new(self.model, self.cfg.bucket_size);
+        let mut exchange = Exchange::new(self.model, self.cfg.bucket_size, self.cfg.compress);
         let overlap = self.cfg.overlap;
         let per_epoch = self.sampler.steps_per_epoch() as u64;
         let total = self.total_steps();
@@ -732,16 +732,22 @@ impl<'a> Loop<'a> {
 ///
 /// The last bucket (the one at offset 0) carries this rank's loss in one extra slot, so the
 /// all-reduces also sum the loss; it is sent once backward is done and the loss is known.
+/// With `--compress` that slot would be rounded to 16 bits like the gradients, so the loss
+/// then goes in an all-reduce of its own in full `f32`, queued right after that bucket.
 struct Exchange {
     buckets: Buckets,
     /// Each bucket's buffer, reused from step to step (empty while it is on the ring).
     bufs: Vec<Vec<f32>>,
     /// The all-reduces started this step, by bucket index, in the order they were started.
     pending: Vec<(usize, Pending)>,
+    /// Whether the loss travels apart from the gradients (a 16-bit wire).
+    loss_apart: bool,
+    /// This step's exact all-reduce of the loss, when it travels apart.
+    loss: Option<Pending>,
 }
 
 impl Exchange {
-    fn new(model: &Mlp, bucket_size: u64) -> Exchange {
+    fn new(model: &Mlp, bucket_size: u64, wire: crate::frame::Wire) -> Exchange {
         let buckets = Buckets::new(&model.tensor_ranges(), bucket_size);
         debug_assert!(!buckets.is_empty(), "invariant: a model has parameters");
         let bufs = buckets
@@ -753,12 +759,15 @@ impl Exchange {
             bufs: bufs.collect(),
             buckets,
             pending: Vec::new(),
+            loss_apart: wire != crate::frame::Wire::F32,
+            loss: None,
         }
     }
 
     fn begin_step(&mut self) {
         self.buckets.reset();
         self.pending.clear();
+        self.loss = None;
     }
 
     /// Starts every bucket that is final from `from` on, except the last one.
@@ -774,7 +783,11 @@ impl Exchange {
     fn send_rest(&mut self, comm: &mut CommHandle, grad: &[f32], loss: f32) {
         let last = self.buckets.len() - 1;
         for i in self.buckets.ready(0) {
-            self.send(comm, i, grad, (i == last).then_some(loss));
+            let slot = (i == last && !self.loss_apart).then_some(loss);
+            self.send(comm, i, grad, slot);
+        }
+        if self.loss_apart {
+            self.loss = Some(comm.allreduce_f32_start(vec![loss]));
         }
     }
 
@@ -803,6 +816,9 @@ impl Exchange {
                 loss = l;
             }
             self.bufs[i] = buf;
+        }
+        if let Some(apart) = self.loss.take() {
+            loss = apart.wait()?[0];
         }
         Ok(loss)
     }

@@ -932,7 +932,13 @@ impl CommHandle {
     /// [`TransportOptions::wire`] says: for counters and measurements that must not be
     /// rounded.
     pub fn allreduce_sum_f32(&mut self, buf: Vec<f32>) -> Result<Vec<f32>, CommError> {
-        self.call(Request::AllReduceF32(buf))
+        self.allreduce_f32_start(buf).wait()
+    }
+
+    /// Queues [`allreduce_sum_f32`](Self::allreduce_sum_f32) and returns without waiting,
+    /// served in order with the other requests.
+    pub fn allreduce_f32_start(&mut self, buf: Vec<f32>) -> Pending {
+        self.submit(Request::AllReduceF32(buf))
     }
 
     /// Replaces `buf` by rank 0's.
