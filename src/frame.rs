@@ -99,14 +99,23 @@ impl Wire {
     /// Replaces each value by the nearest value this encoding can carry, so that what a
     /// rank keeps is exactly what its neighbours receive.
     pub fn round_in_place(self, values: &mut [f32]) {
+        let Some((narrow, widen)) = self.halves() else {
+            return;
+        };
+        let mut bits = [0u16; HALF_BLOCK];
+        for block in values.chunks_mut(HALF_BLOCK) {
+            let bits = &mut bits[..block.len()];
+            narrow(block, bits);
+            widen(bits, block);
+        }
+    }
+
+    /// The conversions of a 16-bit encoding to and from `f32`; `None` for `f32` itself.
+    fn halves(self) -> Option<(Narrow, Widen)> {
         match self {
-            Wire::F32 => {}
-            Wire::F16 => values
-                .iter_mut()
-                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
-            Wire::Bf16 => values
-                .iter_mut()
-                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            Wire::F32 => None,
+            Wire::F16 => Some((narrow_f16, widen_f16)),
+            Wire::Bf16 => Some((narrow_bf16, widen_bf16)),
         }
     }
 }
@@ -174,39 +183,29 @@ pub fn encode_f32(header: Header, values: &[f32]) -> Bytes {
     );
     let mut out = BytesMut::with_capacity(HEADER_LEN + header.wire.elem_size() * values.len());
     put_header(&mut out, header);
-    match header.wire {
-        Wire::F32 => put_f32s(&mut out, values),
-        Wire::F16 => {
-            let mut halves = vec![f16::ZERO; values.len()];
-            halves.convert_from_f32_slice(values);
-            put_u16s(&mut out, halves.reinterpret_cast());
-        }
-        Wire::Bf16 => {
-            let mut halves = vec![bf16::ZERO; values.len()];
-            halves.convert_from_f32_slice(values);
-            put_u16s(&mut out, halves.reinterpret_cast());
+    match header.wire.halves() {
+        None => put_le(&mut out, values, |o, v| o.put_f32_le(v)),
+        Some((narrow, _)) => {
+            // Block by block through the stack: no buffer per frame.
+            let mut bits = [0u16; HALF_BLOCK];
+            for block in values.chunks(HALF_BLOCK) {
+                let bits = &mut bits[..block.len()];
+                narrow(block, bits);
+                put_le(&mut out, bits, |o, v| o.put_u16_le(v));
+            }
         }
     }
     out.freeze()
 }
 
-fn put_u16s(out: &mut BytesMut, values: &[u16]) {
+/// Appends `values` as little-endian bytes: one bulk copy where that is the native order,
+/// `one` value at a time elsewhere.
+fn put_le<T: bytemuck::Pod>(out: &mut BytesMut, values: &[T], one: fn(&mut BytesMut, T)) {
     if cfg!(target_endian = "little") {
         out.put_slice(bytemuck::cast_slice(values));
     } else {
         for v in values {
-            out.put_u16_le(*v);
-        }
-    }
-}
-
-/// Appends `values` as little-endian bytes: one bulk copy where that is the native order.
-fn put_f32s(out: &mut BytesMut, values: &[f32]) {
-    if cfg!(target_endian = "little") {
-        out.put_slice(bytemuck::cast_slice(values));
-    } else {
-        for v in values {
-            out.put_f32_le(*v);
+            one(out, *v);
         }
     }
 }
@@ -445,23 +444,24 @@ pub fn copy_into(dst: &mut [f32], payload: &[u8]) {
     }
 }
 
-/// Values widened per block: small enough for the stack, large enough for the vector units.
-const WIDEN_BLOCK: usize = 256;
+/// Values converted to or from 16 bits per block: small enough for the stack, large enough
+/// for the vector units.
+const HALF_BLOCK: usize = 256;
+
+/// Rounds `f32`s to the raw bits of a 16-bit encoding (to nearest, ties to even).
+type Narrow = fn(&[f32], &mut [u16]);
+/// Widens the raw bits of a 16-bit encoding to `f32`s, exactly.
+type Widen = fn(&[u16], &mut [f32]);
 
 /// Widens the little-endian 16-bit values of `payload` block by block and hands each
 /// block, beside its part of `dst`, to `apply`. `widen` turns one block of raw bits into
 /// f32s; half's slice conversion uses the CPU's F16C instructions where it has them.
-fn widen_blocks(
-    dst: &mut [f32],
-    payload: &[u8],
-    widen: fn(&[u16], &mut [f32]),
-    apply: fn(&mut [f32], &[f32]),
-) {
-    let mut bits = [0u16; WIDEN_BLOCK];
-    let mut wide = [0f32; WIDEN_BLOCK];
+fn widen_blocks(dst: &mut [f32], payload: &[u8], widen: Widen, apply: fn(&mut [f32], &[f32])) {
+    let mut bits = [0u16; HALF_BLOCK];
+    let mut wide = [0f32; HALF_BLOCK];
     for (d, p) in dst
-        .chunks_mut(WIDEN_BLOCK)
-        .zip(payload.chunks(2 * WIDEN_BLOCK))
+        .chunks_mut(HALF_BLOCK)
+        .zip(payload.chunks(2 * HALF_BLOCK))
     {
         let n = d.len();
         for (bit, b) in bits[..n].iter_mut().zip(p.chunks_exact(2)) {
@@ -470,6 +470,16 @@ fn widen_blocks(
         widen(&bits[..n], &mut wide[..n]);
         apply(d, &wide[..n]);
     }
+}
+
+fn narrow_f16(values: &[f32], bits: &mut [u16]) {
+    bits.reinterpret_cast_mut::<f16>()
+        .convert_from_f32_slice(values);
+}
+
+fn narrow_bf16(values: &[f32], bits: &mut [u16]) {
+    bits.reinterpret_cast_mut::<bf16>()
+        .convert_from_f32_slice(values);
 }
 
 fn widen_f16(bits: &[u16], out: &mut [f32]) {
@@ -651,7 +661,7 @@ mod tests {
         ];
         // Every pattern; then a length that is no multiple of the block.
         let all: Vec<u16> = (0..=u16::MAX).collect();
-        for bits in [&all[..], &all[1000..1000 + WIDEN_BLOCK + 77]] {
+        for bits in [&all[..], &all[1000..1000 + HALF_BLOCK + 77]] {
             let payload: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
             for (wire, one) in conversions {
                 type Kernel = fn(&mut [f32], &[u8]);
@@ -672,6 +682,30 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn narrowing_in_blocks_matches_one_value_at_a_time(
+            vals in proptest::collection::vec(any::<f32>(), 0..3 * HALF_BLOCK),
+        ) {
+            type One = fn(f32) -> (u16, f32);
+            let conversions: [(Wire, One); 2] = [
+                (Wire::F16, |v| (f16::from_f32(v).to_bits(), f16::from_f32(v).to_f32())),
+                (Wire::Bf16, |v| (bf16::from_f32(v).to_bits(), bf16::from_f32(v).to_f32())),
+            ];
+            for (wire, one) in conversions {
+                let bytes = encode_f32(Header { wire, ..header(vals.len() as u32) }, &vals);
+                let mut rounded = vals.clone();
+                wire.round_in_place(&mut rounded);
+                for (i, &v) in vals.iter().enumerate() {
+                    let (bits, back) = one(v);
+                    let at = HEADER_LEN + 2 * i;
+                    let sent = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+                    prop_assert!(sent == bits || (v.is_nan() && back.is_nan()), "{wire:?} {v}");
+                    let r = rounded[i];
+                    prop_assert!(r.to_bits() == back.to_bits() || (r.is_nan() && back.is_nan()));
+                }
+            }
+        }
+
         #[test]
         fn any_cut_of_a_frame_reduces_bit_for_bit_like_one_buffer(
             vals in proptest::collection::vec(any::<f32>(), 0..64),
