@@ -436,36 +436,34 @@ fn max_udp_payload(addr: SocketAddr) -> u16 {
     }
 }
 
-/// Packet sizes for the path from `addr`. Per-packet work (encryption setup, headers,
-/// system calls, acknowledgements) dominates QUIC's CPU cost, so larger packets move more
-/// bytes per CPU-second.
-fn tune_packet_size(t: &mut quinn::TransportConfig, addr: SocketAddr) {
-    if addr.ip().is_loopback() {
+/// Packet sizes and congestion control for the path from `addr`. Per-packet work
+/// (encryption setup, headers, system calls, acknowledgements) dominates QUIC's CPU cost,
+/// so larger packets move more bytes per CPU-second.
+fn tune_for_path(t: &mut quinn::TransportConfig, addr: SocketAddr) {
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(max_udp_payload(addr));
+    t.mtu_discovery_config(Some(discovery));
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    let ring = if addr.ip().is_loopback() {
         // Loopback has a 64 KiB MTU: discovery finds it within a few round trips of the
         // handshake (handshake packets themselves must stay under 16 KiB). Segmentation
         // offload must be off for packets this large (see above), and the congestion
         // window must hold a few of them from the start.
-        let mut discovery = quinn::MtuDiscoveryConfig::default();
-        discovery.upper_bound(LOOPBACK_UDP_PAYLOAD);
-        t.mtu_discovery_config(Some(discovery));
         t.enable_segmentation_offload(false);
-        let mut cubic = quinn::congestion::CubicConfig::default();
         cubic.initial_window(1 << 20);
-        t.congestion_controller_factory(Arc::new(congestion::RingFactory {
+        congestion::RingFactory {
             inner: Arc::new(cubic),
             cap: Some(LOOPBACK_WINDOW_CAP),
             target_delay: None,
-        }));
+        }
     } else {
-        let mut discovery = quinn::MtuDiscoveryConfig::default();
-        discovery.upper_bound(MAX_DISCOVERED_UDP_PAYLOAD);
-        t.mtu_discovery_config(Some(discovery));
-        t.congestion_controller_factory(Arc::new(congestion::RingFactory {
-            inner: Arc::new(quinn::congestion::CubicConfig::default()),
+        congestion::RingFactory {
+            inner: Arc::new(cubic),
             cap: None,
             target_delay: Some(QUEUE_DELAY_TARGET),
-        }));
-    }
+        }
+    };
+    t.congestion_controller_factory(Arc::new(ring));
 }
 
 fn transport_config(
@@ -473,7 +471,7 @@ fn transport_config(
     addr: SocketAddr,
 ) -> Result<quinn::TransportConfig, TransportError> {
     let mut t = quinn::TransportConfig::default();
-    tune_packet_size(&mut t, addr);
+    tune_for_path(&mut t, addr);
     let idle = quinn::IdleTimeout::try_from(opts.peer_timeout)
         .map_err(|e| TransportError::Config(format!("peer timeout: {e}")))?;
     t.max_idle_timeout(Some(idle));
