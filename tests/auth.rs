@@ -19,6 +19,9 @@ use ringtrain::train::{self, TrainConfig, Trained};
 use ringtrain::transport::{self, RingPlace, TransportOptions};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 
+mod common;
+use common::train_on;
+
 const BIN: &str = env!("CARGO_BIN_EXE_ringtrain");
 
 /// The transport's ALPN: strangers speak it, so that only the certificates can fail.
@@ -457,22 +460,9 @@ fn ranks_with_different_keys_stop_at_once_and_say_why() {
     for (name, second) in [("two keys", small(&b, 5)), ("key and none", keyless)] {
         let addrs = free_local_addrs(2).unwrap();
         let started = Instant::now();
-        let ranks: Vec<_> = [small(&a, 5), second]
-            .into_iter()
-            .enumerate()
-            .map(|(r, cfg)| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || {
-                    let place = RingPlace {
-                        rank: Rank(r),
-                        addrs,
-                    };
-                    train::run(&cfg, place)
-                })
-            })
-            .collect();
-        for (r, t) in ranks.into_iter().enumerate() {
-            let Err(err) = t.join().unwrap() else {
+        let ranks = train_on(&addrs, &[small(&a, 5), second]);
+        for (r, result) in ranks.into_iter().enumerate() {
+            let Err(err) = result else {
                 panic!("{name}: rank {r} formed a ring with a stranger");
             };
             let msg = err.to_string();

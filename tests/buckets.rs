@@ -2,18 +2,17 @@
 //! overlap, close to the unbucketed run, refused when the layouts differ, and no hang when
 //! a bucket's result is dropped or a rank is lost.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use ringtrain::auth::Security;
 use ringtrain::launch::free_local_addrs;
 use ringtrain::optim::OptimConfig;
-use ringtrain::ring::Rank;
-use ringtrain::train::{self, TrainConfig, TrainError, Trained};
-use ringtrain::transport::{RingPlace, TransportOptions};
+use ringtrain::train::TrainConfig;
+use ringtrain::transport::TransportOptions;
 
 mod common;
-use common::{on_ring, wait_within};
+use common::{on_ring, spawn_rank, train_each, wait_within};
 
 /// The synthetic task (64 features, 10 classes) on hidden widths 16 and 9: tensors of
 /// 1024, 16, 144, 9, 90 and 10 floats. A 64-byte cap makes four buckets (layer 2, layer 1,
@@ -32,31 +31,8 @@ fn small(steps: u64, bucket_size: u64, overlap: bool) -> TrainConfig {
     }
 }
 
-/// Runs one rank per config (rank `r` gets `cfgs[r]`), one thread each.
-fn run_each(cfgs: &[TrainConfig]) -> Vec<Result<Trained, TrainError>> {
-    let addrs = free_local_addrs(cfgs.len()).expect("free ports");
-    let threads: Vec<_> = cfgs
-        .iter()
-        .enumerate()
-        .map(|(r, cfg)| {
-            let (cfg, addrs) = (cfg.clone(), addrs.clone());
-            std::thread::spawn(move || {
-                let place = RingPlace {
-                    rank: Rank(r),
-                    addrs,
-                };
-                train::run(&cfg, place)
-            })
-        })
-        .collect();
-    threads
-        .into_iter()
-        .map(|t| t.join().expect("rank thread"))
-        .collect()
-}
-
 fn run_ranks(n: usize, cfg: &TrainConfig) -> Vec<Vec<f32>> {
-    let results = run_each(&vec![cfg.clone(); n]);
+    let results = train_each(&vec![cfg.clone(); n]);
     results
         .into_iter()
         .enumerate()
@@ -139,7 +115,7 @@ fn two_ranks_bucketed_are_bit_identical_to_one_all_reduce() {
 
 #[test]
 fn ranks_with_different_bucket_sizes_are_refused_naming_the_field() {
-    let results = run_each(&[small(4, 1024, true), small(4, 4096, true)]);
+    let results = train_each(&[small(4, 1024, true), small(4, 4096, true)]);
     for (r, (ours, theirs)) in [(1024, 4096), (4096, 1024)].into_iter().enumerate() {
         let err = results[r].as_ref().map(|_| ()).unwrap_err();
         assert_eq!(err.exit_code(), 2, "rank {r}: {err}");
@@ -150,7 +126,7 @@ fn ranks_with_different_bucket_sizes_are_refused_naming_the_field() {
 
 #[test]
 fn ranks_may_differ_in_overlap() {
-    let results = run_each(&[small(6, 64, true), small(6, 64, false)]);
+    let results = train_each(&[small(6, 64, true), small(6, 64, false)]);
     let params: Vec<Vec<f32>> = results
         .into_iter()
         .map(|r| r.expect("overlap is not part of the fingerprint").params)
@@ -213,36 +189,21 @@ fn a_rank_killed_with_buckets_in_flight_is_named_by_the_survivors() {
     let hosts = dir.path().join("hosts.txt");
     let body: String = addrs.iter().map(|a| format!("{a}\n")).collect();
     std::fs::write(&hosts, body).unwrap();
-    let spawn = |rank: usize| {
-        Command::new(env!("CARGO_BIN_EXE_ringtrain"))
-            .args([
-                "--hosts",
-                hosts.to_str().unwrap(),
-                "--rank",
-                &rank.to_string(),
-            ])
-            .args([
-                "--steps",
-                "100000",
-                "--peer-timeout",
-                "2",
-                "--connect-timeout",
-                "20",
-            ])
-            .args([
-                "--hidden",
-                "64,64,64",
-                "--bucket-size",
-                "1K",
-                "--log-every",
-                "1000",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringtrain")
-    };
-    let mut children: Vec<Child> = (0..3).map(spawn).collect();
+    let flags = [
+        "--steps",
+        "100000",
+        "--peer-timeout",
+        "2",
+        "--connect-timeout",
+        "20",
+        "--hidden",
+        "64,64,64",
+        "--bucket-size",
+        "1K",
+        "--log-every",
+        "1000",
+    ];
+    let mut children: Vec<Child> = (0..3).map(|r| spawn_rank(&hosts, r, &flags)).collect();
     std::thread::sleep(Duration::from_secs(3));
     children[1].kill().unwrap();
     let killed_at = Instant::now();

@@ -1,10 +1,13 @@
 //! The `ringtrain` binary end to end: real processes, real files, real QUIC on loopback.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use ringtrain::launch::free_local_addrs;
+
+mod common;
+use common::spawn_rank;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringtrain");
 
@@ -78,21 +81,6 @@ fn a_malformed_idx_file_is_named() {
 }
 
 /// Starts rank `rank` of the hosts file with extra flags, output captured.
-fn spawn_rank(hosts: &Path, rank: usize, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .args([
-            "--hosts",
-            hosts.to_str().unwrap(),
-            "--rank",
-            &rank.to_string(),
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringtrain")
-}
-
 fn hosts_file(dir: &Path, n: usize) -> PathBuf {
     let addrs = free_local_addrs(n).unwrap();
     let body: String = addrs.iter().map(|a| format!("{a}\n")).collect();

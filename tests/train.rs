@@ -10,6 +10,9 @@ use ringtrain::ring::Rank;
 use ringtrain::train::{self, TrainConfig, Trained};
 use ringtrain::transport::RingPlace;
 
+mod common;
+use common::train_each;
+
 fn small(batch_size: usize, steps: u64) -> TrainConfig {
     TrainConfig {
         steps: Some(steps),
@@ -24,23 +27,8 @@ fn small(batch_size: usize, steps: u64) -> TrainConfig {
 
 /// Runs `n` ranks of `cfg`, one thread each, and returns their results by rank.
 fn run_ranks(n: usize, cfg: &TrainConfig) -> Vec<Trained> {
-    let addrs = free_local_addrs(n).expect("free ports");
-    let threads: Vec<_> = (0..n)
-        .map(|r| {
-            let (cfg, addrs) = (cfg.clone(), addrs.clone());
-            std::thread::spawn(move || {
-                train::run(
-                    &cfg,
-                    RingPlace {
-                        rank: Rank(r),
-                        addrs,
-                    },
-                )
-            })
-        })
-        .collect();
-    let results = threads.into_iter().map(|t| t.join().expect("rank thread"));
-    results
+    train_each(&vec![cfg.clone(); n])
+        .into_iter()
         .enumerate()
         .map(|(r, res)| res.unwrap_or_else(|e| panic!("rank {r}: {e}")))
         .collect()
